@@ -1,0 +1,45 @@
+"""The `dinospec` command: a thin layer over functions that are also callable from Python."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dinospec.config import ConfigError, load_config
+
+
+def _info(args: argparse.Namespace) -> None:
+    from dinospec.report import compare_with_vanilla, format_report
+
+    config = load_config(args.config, args.overrides)
+    rows = compare_with_vanilla(config.model, args.img_size)
+    print(f"{args.config} ({', '.join(args.overrides) or 'no overrides'})")
+    print(format_report(rows, args.img_size))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinospec", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser(
+        "info", help="parameters and GFLOPs of a model config and of its vanilla twin"
+    )
+    info.add_argument("config", help="YAML config file")
+    info.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.depth=6")
+    info.add_argument("--img-size", type=int, default=224, help="input size for the FLOP count")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as err:
+        print(f"dinospec: config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

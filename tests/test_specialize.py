@@ -1,0 +1,139 @@
+"""Token-type specialization: exact conversion, routing, independent training."""
+
+import pytest
+import torch
+from helpers import EVERYTHING, PAPER, randomize, tiny_vit
+
+from dinospec.config import SpecializeConfig
+from dinospec.models import TokenTypes
+from dinospec.models.convert import specialize_backbone
+from dinospec.models.specialize import SpecializedLayerNorm, SpecializedLinear
+
+OUTPUTS = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm")
+
+
+def _all_outputs(model, x, masks):
+    with torch.no_grad():
+        out = [model.forward_features(x)[k] for k in OUTPUTS]
+        out += [model.forward_features(x, masks)[k] for k in OUTPUTS]
+        out += [model.forward_features(x[:, :, :24, :40])[k] for k in OUTPUTS]
+        for patch, cls in model.get_intermediate_layers(x, n=3, reshape=True, return_class_token=True):
+            out += [patch, cls]
+    return out
+
+
+@pytest.mark.parametrize("ffn_layer", ["mlp", "swiglufused"])
+@pytest.mark.parametrize("spec", [PAPER, EVERYTHING], ids=["paper", "everything"])
+@pytest.mark.parametrize("registers", [0, 2])
+def test_conversion_is_exact(ffn_layer, spec, registers):
+    vanilla = randomize(tiny_vit(ffn_layer=ffn_layer, num_register_tokens=registers)).eval()
+    converted = specialize_backbone(vanilla, spec)
+    assert converted.is_specialized and not vanilla.is_specialized
+    x = torch.randn(3, 3, 32, 32)
+    masks = torch.rand(3, 16) < 0.4
+    for ours, ref in zip(_all_outputs(converted, x, masks), _all_outputs(vanilla, x, masks), strict=True):
+        assert ours.shape == ref.shape and torch.equal(ours, ref)
+
+
+def test_single_image_conversion_is_exact():
+    vanilla = randomize(tiny_vit()).eval()
+    converted = specialize_backbone(vanilla, EVERYTHING)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(converted(x), vanilla(x))
+
+
+def test_state_dict_conversion_matches_model_conversion():
+    vanilla = randomize(tiny_vit())
+    from_model = specialize_backbone(vanilla, PAPER).state_dict()
+    from_dict = specialize_backbone(vanilla.state_dict(), PAPER)
+    assert from_model.keys() == from_dict.keys()
+    assert all(torch.equal(from_model[k], from_dict[k]) for k in from_model)
+    added = sorted(set(from_dict) - set(vanilla.state_dict()))
+    assert "blocks.0.attn.qkv.prefix_weight" in added and "blocks.2.norm2.prefix_bias" in added
+    assert "blocks.1.attn.qkv.prefix_weight" not in added  # first third of 3 blocks = block 0
+    assert all(k.startswith("blocks.") and "cls_token" not in k for k in added)
+    assert all("norm" in k for k in added if "attn" not in k)
+
+
+def test_prefix_path_trains_independently():
+    vanilla = randomize(tiny_vit())
+    model = specialize_backbone(vanilla, PAPER).train()
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.prefix_weight.data_ptr() != qkv.weight.data_ptr()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(torch.randn(4, 3, 32, 32), is_training=True)
+    (out["x_norm_clstoken"].square().sum() + out["x_norm_patchtokens"].mean()).backward()
+    assert qkv.prefix_weight.grad.abs().sum() > 0 and qkv.weight.grad.abs().sum() > 0
+    assert not torch.equal(qkv.prefix_weight.grad, qkv.weight.grad)
+    opt.step()
+    assert not torch.equal(qkv.prefix_weight, qkv.weight)
+    assert torch.equal(vanilla.blocks[0].attn.qkv.weight, vanilla.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def _qkv_rows(model, x):
+    captured = {}
+    hook = model.blocks[1].attn.qkv.register_forward_hook(lambda m, a, o: captured.update(out=o))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    return captured["out"]
+
+
+@pytest.mark.parametrize("tokens, num_prefix", [("cls+registers", 3), ("cls", 1)])
+@pytest.mark.parametrize("param", ["norm1.prefix_weight", "attn.qkv.prefix_weight", "norm1.weight", "attn.qkv.weight"])
+def test_routing_before_attention(tokens, num_prefix, param):
+    spec = SpecializeConfig(tokens=tokens, norm1_blocks="all", qkv_blocks="all")
+    model = randomize(tiny_vit(spec, num_register_tokens=2)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = _qkv_rows(model, x)
+    with torch.no_grad():
+        model.blocks[1].get_parameter(param).add_(0.5)
+    after = _qkv_rows(model, x)
+    prefix_changed = not torch.equal(before[:, :num_prefix], after[:, :num_prefix])
+    patch_changed = not torch.equal(before[:, num_prefix:], after[:, num_prefix:])
+    if "prefix" in param:
+        assert prefix_changed and not patch_changed
+    else:
+        assert patch_changed and not prefix_changed
+
+
+def test_packed_sequences_route_by_mask():
+    norm, linear = SpecializedLayerNorm(8), SpecializedLinear(8, 6)
+    randomize(norm), randomize(linear)
+    a, b = torch.randn(1, 5, 8), torch.randn(1, 7, 8)
+    leading_a, leading_b = TokenTypes.leading(2, 5, a.device), TokenTypes.leading(1, 7, b.device)
+    packed = torch.cat([a, b], dim=1)
+    mask = torch.tensor([[True, True, False, False, False, True] + [False] * 6])
+    types = TokenTypes.from_mask(mask)
+    for layer in (norm, linear):
+        expected = torch.cat([layer(a, leading_a), layer(b, leading_b)], dim=1)
+        torch.testing.assert_close(layer(packed, types), expected, rtol=0, atol=1e-6)
+
+
+def test_dropping_a_prefix_path_is_refused():
+    model = tiny_vit(EVERYTHING)
+    with pytest.raises(ValueError, match="drops prefix parameters"):
+        specialize_backbone(model, PAPER)
+
+
+@pytest.mark.parametrize("depth, expected", [(12, [0, 1, 2, 3]), (24, list(range(8))), (40, list(range(13)))])
+def test_paper_default_is_first_third(depth, expected):
+    with torch.device("meta"):
+        model = tiny_vit(PAPER, depth=depth)
+    qkv = [i for i, b in enumerate(model.blocks) if isinstance(b.attn.qkv, SpecializedLinear)]
+    norms = [i for i, b in enumerate(model.blocks) if isinstance(b.norm1, SpecializedLayerNorm)]
+    assert qkv == expected and norms == list(range(depth))
+
+
+def test_stochastic_depth_on_subset_is_unbiased_and_inactive_in_eval():
+    model = randomize(tiny_vit(PAPER, drop_path_rate=0.5, drop_path_uniform=True))
+    x = torch.randn(8, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert torch.equal(first, second)
+    model.train()
+    with torch.no_grad():
+        runs = [model(x, is_training=True)["x_norm_clstoken"] for _ in range(3)]
+    assert not torch.equal(runs[0], runs[1]) and all(torch.isfinite(r).all() for r in runs)
