@@ -10,10 +10,10 @@ import os
 
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -17,7 +17,9 @@ def _all_outputs(model, x, masks):
         out = [model.forward_features(x)[k] for k in OUTPUTS]
         out += [model.forward_features(x, masks)[k] for k in OUTPUTS]
         out += [model.forward_features(x[:, :, :24, :40])[k] for k in OUTPUTS]
-        for patch, cls in model.get_intermediate_layers(x, n=3, reshape=True, return_class_token=True):
+        for patch, cls in model.get_intermediate_layers(
+            x, n=3, reshape=True, return_class_token=True
+        ):
             out += [patch, cls]
     return out
 
@@ -31,7 +33,9 @@ def test_conversion_is_exact(ffn_layer, spec, registers):
     assert converted.is_specialized and not vanilla.is_specialized
     x = torch.randn(3, 3, 32, 32)
     masks = torch.rand(3, 16) < 0.4
-    for ours, ref in zip(_all_outputs(converted, x, masks), _all_outputs(vanilla, x, masks), strict=True):
+    for ours, ref in zip(
+        _all_outputs(converted, x, masks), _all_outputs(vanilla, x, masks), strict=True
+    ):
         assert ours.shape == ref.shape and torch.equal(ours, ref)
 
 
@@ -68,7 +72,9 @@ def test_prefix_path_trains_independently():
     assert not torch.equal(qkv.prefix_weight.grad, qkv.weight.grad)
     opt.step()
     assert not torch.equal(qkv.prefix_weight, qkv.weight)
-    assert torch.equal(vanilla.blocks[0].attn.qkv.weight, vanilla.state_dict()["blocks.0.attn.qkv.weight"])
+    assert torch.equal(
+        vanilla.blocks[0].attn.qkv.weight, vanilla.state_dict()["blocks.0.attn.qkv.weight"]
+    )
 
 
 def _qkv_rows(model, x):
@@ -81,7 +87,9 @@ def _qkv_rows(model, x):
 
 
 @pytest.mark.parametrize("tokens, num_prefix", [("cls+registers", 3), ("cls", 1)])
-@pytest.mark.parametrize("param", ["norm1.prefix_weight", "attn.qkv.prefix_weight", "norm1.weight", "attn.qkv.weight"])
+@pytest.mark.parametrize(
+    "param", ["norm1.prefix_weight", "attn.qkv.prefix_weight", "norm1.weight", "attn.qkv.weight"]
+)
 def test_routing_before_attention(tokens, num_prefix, param):
     spec = SpecializeConfig(tokens=tokens, norm1_blocks="all", qkv_blocks="all")
     model = randomize(tiny_vit(spec, num_register_tokens=2)).eval()
@@ -117,7 +125,9 @@ def test_dropping_a_prefix_path_is_refused():
         specialize_backbone(model, PAPER)
 
 
-@pytest.mark.parametrize("depth, expected", [(12, [0, 1, 2, 3]), (24, list(range(8))), (40, list(range(13)))])
+@pytest.mark.parametrize(
+    "depth, expected", [(12, [0, 1, 2, 3]), (24, list(range(8))), (40, list(range(13)))]
+)
 def test_paper_default_is_first_third(depth, expected):
     with torch.device("meta"):
         model = tiny_vit(PAPER, depth=depth)
