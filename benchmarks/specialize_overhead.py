@@ -1,0 +1,75 @@
+"""Forward+backward time of a specialized ViT against its vanilla twin, on this machine.
+
+The paper promises no extra compute; FLOPs are equal by construction, so what is left to
+measure is the cost of routing tokens (slicing, concatenation, per-type affines). The two
+models run alternately so drift in machine speed hits both alike; the table reports the
+median of the per-round ratios.
+
+    python benchmarks/specialize_overhead.py [--model vits14] [--batch 16] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dinospec.config import load_config
+from dinospec.models import build_backbone
+from dinospec.models.convert import specialize_backbone
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def step_seconds(model: torch.nn.Module, images: torch.Tensor) -> float:
+    start = time.perf_counter()
+    out = model(images, is_training=True)
+    (out["x_norm_clstoken"].sum() + out["x_norm_patchtokens"].mean()).backward()
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vits14")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    spec = load_config(CONFIGS / f"{args.model}_spec.yaml").model.specialize
+    vanilla_cfg = load_config(CONFIGS / f"{args.model}.yaml").model
+    vanilla = build_backbone(replace(vanilla_cfg, drop_path_rate=0.0)).to(args.device).train()
+    specialized = specialize_backbone(vanilla, spec)
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
+    models = {"vanilla": vanilla, "specialized": specialized}
+    for model in models.values():
+        step_seconds(model, images)
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            model.zero_grad(set_to_none=True)
+            times[name].append(step_seconds(model, images))
+    ratios = [s / v for s, v in zip(times["specialized"], times["vanilla"], strict=True)]
+
+    print(
+        f"{args.model}, batch {args.batch} x {args.img_size}px, fwd+bwd, {args.rounds} "
+        f"alternating rounds, {args.device} ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
+    print(f"{'model':<12}{'median s':>10}{'min s':>10}{'max s':>10}")
+    for name, values in times.items():
+        print(f"{name:<12}{statistics.median(values):>10.3f}{min(values):>10.3f}{max(values):>10.3f}")
+    print(f"specialized / vanilla, median of per-round ratios: {statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
