@@ -16,7 +16,8 @@ def test_sdpa_matches_explicit_softmax_attention():
     q, k, v = attn.qkv(x).reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
     weights = (q @ k.transpose(-2, -1) / 8**0.5).softmax(-1)
     expected = attn.proj((weights @ v).transpose(1, 2).reshape(b, n, c))
-    torch.testing.assert_close(attn(x, None), expected, rtol=1e-5, atol=1e-5)
+    (out,) = attn([x], [None])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_xformers_backend_explains_why_it_cannot_run_on_cpu():

@@ -8,6 +8,7 @@ from dinospec.config import SpecializeConfig
 from dinospec.models import TokenTypes
 from dinospec.models.convert import specialize_backbone
 from dinospec.models.specialize import SpecializedLayerNorm, SpecializedLinear
+from dinospec.models.tokens import PATCH, PREFIX
 
 OUTPUTS = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm")
 
@@ -78,12 +79,13 @@ def test_prefix_path_trains_independently():
 
 
 def _qkv_rows(model, x):
-    captured = {}
-    hook = model.blocks[1].attn.qkv.register_forward_hook(lambda m, a, o: captured.update(out=o))
+    """QKV output of block 1 for all tokens, in sequence order."""
+    captured = []
+    hook = model.blocks[1].attn.qkv.register_forward_hook(lambda m, a, o: captured.append(o))
     with torch.no_grad():
         model(x)
     hook.remove()
-    return captured["out"]
+    return torch.cat(captured, dim=1)
 
 
 @pytest.mark.parametrize("tokens, num_prefix", [("cls+registers", 3), ("cls", 1)])
@@ -95,6 +97,7 @@ def test_routing_before_attention(tokens, num_prefix, param):
     model = randomize(tiny_vit(spec, num_register_tokens=2)).eval()
     x = torch.randn(2, 3, 32, 32)
     before = _qkv_rows(model, x)
+    assert before.shape == (2, 3 + 16, 96)
     with torch.no_grad():
         model.blocks[1].get_parameter(param).add_(0.5)
     after = _qkv_rows(model, x)
@@ -107,16 +110,33 @@ def test_routing_before_attention(tokens, num_prefix, param):
 
 
 def test_packed_sequences_route_by_mask():
-    norm, linear = SpecializedLayerNorm(8), SpecializedLinear(8, 6)
-    randomize(norm), randomize(linear)
+    norm, linear = randomize(SpecializedLayerNorm(8)), randomize(SpecializedLinear(8, 6))
     a, b = torch.randn(1, 5, 8), torch.randn(1, 7, 8)
-    leading_a, leading_b = TokenTypes.leading(2, 5, a.device), TokenTypes.leading(1, 7, b.device)
     packed = torch.cat([a, b], dim=1)
     mask = torch.tensor([[True, True, False, False, False, True] + [False] * 6])
-    types = TokenTypes.from_mask(mask)
     for layer in (norm, linear):
-        expected = torch.cat([layer(a, leading_a), layer(b, leading_b)], dim=1)
-        torch.testing.assert_close(layer(packed, types), expected, rtol=0, atol=1e-6)
+        expected = torch.cat(
+            [
+                layer(a[:, :2], PREFIX),
+                layer(a[:, 2:], PATCH),
+                layer(b[:, :1], PREFIX),
+                layer(b[:, 1:], PATCH),
+            ],
+            dim=1,
+        )
+        torch.testing.assert_close(layer(packed, TokenTypes(mask)), expected, rtol=0, atol=1e-6)
+
+
+def test_block_on_packed_sequence_matches_separate_streams():
+    model = randomize(tiny_vit(EVERYTHING)).eval()
+    block = model.blocks[0]
+    a = torch.randn(1, 19, 32)
+    streams = block.forward_streams([a[:, :3], a[:, 3:]], [PREFIX, PATCH])
+    mask = torch.zeros(1, 19, dtype=torch.bool)
+    mask[:, :3] = True
+    with torch.no_grad():
+        packed = block(a, TokenTypes(mask))
+    torch.testing.assert_close(packed, torch.cat(streams, dim=1), rtol=0, atol=1e-5)
 
 
 def test_dropping_a_prefix_path_is_refused():
@@ -147,3 +167,14 @@ def test_stochastic_depth_on_subset_is_unbiased_and_inactive_in_eval():
     with torch.no_grad():
         runs = [model(x, is_training=True)["x_norm_clstoken"] for _ in range(3)]
     assert not torch.equal(runs[0], runs[1]) and all(torch.isfinite(r).all() for r in runs)
+
+
+def test_dinov2_style_block_loop_on_specialized_model():
+    model = randomize(tiny_vit(PAPER)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.prepare_tokens_with_masks(x)
+        for blk in model.blocks:
+            tokens = blk(tokens)
+        expected = model.forward_features(x)["x_prenorm"]
+    assert torch.equal(tokens, expected)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinospec.models.specialize import apply_layer, make_linear, make_norm
-from dinospec.models.tokens import TokenTypes
+from dinospec.models.specialize import TokenSpecialized, apply_layer, make_linear, make_norm
+from dinospec.models.tokens import PATCH, PREFIX, Route, select_rows
 
 
 class PatchEmbed(nn.Module):
@@ -58,15 +58,24 @@ class Attention(nn.Module):
         self.qkv = make_linear(dim, 3 * dim, qkv_bias, "qkv" in specialized)
         self.proj = make_linear(dim, dim, proj_bias, "proj" in specialized)
 
-    def forward(self, x: Tensor, types: TokenTypes | None) -> Tensor:
-        b, n, c = x.shape
-        qkv = apply_layer(self.qkv, x, types).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+    def forward(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
+        """Attention over the concatenated streams; one output per stream."""
+        qkv = [apply_layer(self.qkv, x, r) for x, r in zip(streams, routes, strict=True)]
+        qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, dim=1)
+        b, n, c3 = qkv.shape
+        c = c3 // 3
+        qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads)
         if self.backend == "xformers":
             out = _xformers_attention(qkv)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        return apply_layer(self.proj, out.reshape(b, n, c), types)
+        out = out.reshape(b, n, c)
+        sizes = [x.shape[1] for x in streams]
+        if isinstance(self.proj, TokenSpecialized):
+            parts = out.split(sizes, dim=1)
+            return [apply_layer(self.proj, p, r) for p, r in zip(parts, routes, strict=True)]
+        return list(self.proj(out).split(sizes, dim=1))
 
 
 def _xformers_attention(qkv: Tensor) -> Tensor:
@@ -91,8 +100,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = make_linear(hidden, dim, bias, "ffn_out" in specialized)
 
-    def forward(self, x: Tensor, types: TokenTypes | None) -> Tensor:
-        return apply_layer(self.fc2, self.act(apply_layer(self.fc1, x, types)), types)
+    def forward(self, x: Tensor, route: Route) -> Tensor:
+        return apply_layer(self.fc2, self.act(apply_layer(self.fc1, x, route)), route)
 
 
 class SwiGLUFFN(nn.Module):
@@ -104,9 +113,9 @@ class SwiGLUFFN(nn.Module):
         self.w12 = make_linear(dim, 2 * hidden, bias, "ffn_in" in specialized)
         self.w3 = make_linear(hidden, dim, bias, "ffn_out" in specialized)
 
-    def forward(self, x: Tensor, types: TokenTypes | None) -> Tensor:
-        gate, value = apply_layer(self.w12, x, types).chunk(2, dim=-1)
-        return apply_layer(self.w3, F.silu(gate) * value, types)
+    def forward(self, x: Tensor, route: Route) -> Tensor:
+        gate, value = apply_layer(self.w12, x, route).chunk(2, dim=-1)
+        return apply_layer(self.w3, F.silu(gate) * value, route)
 
 
 class LayerScale(nn.Module):
@@ -118,35 +127,35 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class DropPath(nn.Module):
-    """Per-sample stochastic depth, rescaled so the expectation is unchanged."""
-
-    def __init__(self, drop_prob: float) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.drop_prob == 0.0:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+def drop_path(branches: list[Tensor], drop_prob: float, training: bool) -> list[Tensor]:
+    """Per-sample stochastic depth, one draw per image shared by all of its streams,
+    rescaled so the expectation is unchanged."""
+    if not training or drop_prob == 0.0:
+        return branches
+    keep = 1.0 - drop_prob
+    first = branches[0]
+    mask = first.new_empty((first.shape[0],) + (1,) * (first.dim() - 1)).bernoulli_(keep)
+    return [branch * mask / keep for branch in branches]
 
 
-Residual = Callable[[Tensor, "TokenTypes | None"], Tensor]
+Residual = Callable[[list[Tensor], list[Route]], list[Tensor]]
 
 
 def add_residual_on_subset(
-    x: Tensor, types: TokenTypes | None, residual: Residual, drop_ratio: float
-) -> Tensor:
+    streams: list[Tensor], routes: list[Route], residual: Residual, drop_ratio: float
+) -> list[Tensor]:
     """DINOv2's stochastic depth for high drop rates: compute the branch only on the kept
     samples (saving their compute) and scale it by batch / kept."""
-    b = x.shape[0]
+    b = streams[0].shape[0]
     keep = max(int(b * (1 - drop_ratio)), 1)
-    index = torch.randperm(b, device=x.device)[:keep]
-    sub_types = types.select_rows(index) if types is not None else None
-    branch = residual(x[index], sub_types)
-    out = torch.index_add(x.flatten(1), 0, index, branch.to(x.dtype).flatten(1), alpha=b / keep)
+    index = torch.randperm(b, device=streams[0].device)[:keep]
+    branches = residual([x[index] for x in streams], [select_rows(r, index) for r in routes])
+    scale = b / keep
+    return [_add_rows(x, index, branch, scale) for x, branch in zip(streams, branches, strict=True)]
+
+
+def _add_rows(x: Tensor, index: Tensor, rows: Tensor, scale: float) -> Tensor:
+    out = torch.index_add(x.flatten(1), 0, index, rows.to(x.dtype).flatten(1), alpha=scale)
     return out.view_as(x)
 
 
@@ -166,9 +175,11 @@ class Block(nn.Module):
         ffn_layer: str,
         attn_backend: str,
         specialized: frozenset[str] = frozenset(),
+        num_prefix_tokens: int = 1,
     ) -> None:
         super().__init__()
         self.specialized = specialized
+        self.num_prefix_tokens = num_prefix_tokens
         self.norm1 = make_norm(dim, "norm1" in specialized)
         self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, attn_backend, specialized)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
@@ -177,18 +188,33 @@ class Block(nn.Module):
         self.mlp = ffn(dim, int(dim * mlp_ratio), ffn_bias, specialized)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.sample_drop_ratio = drop_path
-        self.drop_path1 = DropPath(drop_path)
-        self.drop_path2 = DropPath(drop_path)
 
-    def attn_residual(self, x: Tensor, types: TokenTypes | None) -> Tensor:
-        return self.ls1(self.attn(apply_layer(self.norm1, x, types), types))
+    def attn_residual(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
+        normed = [apply_layer(self.norm1, x, r) for x, r in zip(streams, routes, strict=True)]
+        return [self.ls1(out) for out in self.attn(normed, routes)]
 
-    def ffn_residual(self, x: Tensor, types: TokenTypes | None) -> Tensor:
-        return self.ls2(self.mlp(apply_layer(self.norm2, x, types), types))
+    def ffn_residual(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
+        return [
+            self.ls2(self.mlp(apply_layer(self.norm2, x, r), r))
+            for x, r in zip(streams, routes, strict=True)
+        ]
 
-    def forward(self, x: Tensor, types: TokenTypes | None = None) -> Tensor:
-        if self.training and self.sample_drop_ratio > 0.1:
-            x = add_residual_on_subset(x, types, self.attn_residual, self.sample_drop_ratio)
-            return add_residual_on_subset(x, types, self.ffn_residual, self.sample_drop_ratio)
-        x = x + self.drop_path1(self.attn_residual(x, types))
-        return x + self.drop_path2(self.ffn_residual(x, types))
+    def forward_streams(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
+        """The block on a sequence held as streams (see dinospec.models.tokens)."""
+        ratio = self.sample_drop_ratio
+        if self.training and ratio > 0.1:
+            streams = add_residual_on_subset(streams, routes, self.attn_residual, ratio)
+            return add_residual_on_subset(streams, routes, self.ffn_residual, ratio)
+        for residual in (self.attn_residual, self.ffn_residual):
+            branches = drop_path(residual(streams, routes), ratio, self.training)
+            streams = [x + br for x, br in zip(streams, branches, strict=True)]
+        return streams
+
+    def forward(self, x: Tensor, route: Route = None) -> Tensor:
+        """Plain-tensor call, as DINOv2 code makes it; a specialized block given no route
+        treats the first `num_prefix_tokens` tokens of every row as the prefix stream."""
+        if route is None and self.specialized:
+            n = self.num_prefix_tokens
+            streams = [x[:, :n].contiguous(), x[:, n:].contiguous()]
+            return torch.cat(self.forward_streams(streams, [PREFIX, PATCH]), dim=1)
+        return self.forward_streams([x], [route])[0]

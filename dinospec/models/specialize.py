@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinospec.config import SpecializeConfig, resolve_blocks
-from dinospec.models.tokens import TokenTypes
+from dinospec.models.tokens import PATCH, PREFIX, Route
 
 BLOCK_SUBLAYERS = ("norm1", "qkv", "proj", "norm2", "ffn_in", "ffn_out")
 NORM_SUBLAYERS = ("norm1", "norm2")
@@ -37,9 +37,15 @@ class SpecializedLayerNorm(nn.LayerNorm, TokenSpecialized):
         self.prefix_weight = nn.Parameter(torch.ones(dim))
         self.prefix_bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, types: TokenTypes) -> Tensor:
+    def forward(self, x: Tensor, route: Route) -> Tensor:
+        if route == PREFIX:
+            return F.layer_norm(
+                x, self.normalized_shape, self.prefix_weight, self.prefix_bias, self.eps
+            )
+        if route == PATCH:
+            return super().forward(x)
         normalized = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
-        is_prefix = types.prefix_mask.unsqueeze(-1)
+        is_prefix = route.prefix_mask.unsqueeze(-1)
         weight = torch.where(is_prefix, self.prefix_weight, self.weight)
         bias = torch.where(is_prefix, self.prefix_bias, self.bias)
         return torch.addcmul(bias, normalized, weight)
@@ -56,13 +62,12 @@ class SpecializedLinear(nn.Linear, TokenSpecialized):
         if self.prefix_bias is not None:
             nn.init.zeros_(self.prefix_bias)
 
-    def forward(self, x: Tensor, types: TokenTypes) -> Tensor:
-        if types.num_leading is not None:
-            n = types.num_leading
-            prefix = F.linear(x[:, :n], self.prefix_weight, self.prefix_bias)
-            patches = F.linear(x[:, n:], self.weight, self.bias)
-            return torch.cat([prefix, patches], dim=1)
-        is_prefix = types.prefix_mask.expand(x.shape[:-1])
+    def forward(self, x: Tensor, route: Route) -> Tensor:
+        if route == PREFIX:
+            return F.linear(x, self.prefix_weight, self.prefix_bias)
+        if route == PATCH:
+            return super().forward(x)
+        is_prefix = route.prefix_mask.expand(x.shape[:-1])
         prefix = F.linear(x[is_prefix], self.prefix_weight, self.prefix_bias)
         patches = F.linear(x[~is_prefix], self.weight, self.bias)
         out = prefix.new_empty(*x.shape[:-1], self.out_features)
@@ -71,12 +76,12 @@ class SpecializedLinear(nn.Linear, TokenSpecialized):
         return out
 
 
-def apply_layer(layer: nn.Module, x: Tensor, types: TokenTypes | None) -> Tensor:
-    """Call a sublayer, passing the token layout only to specialized ones."""
+def apply_layer(layer: nn.Module, x: Tensor, route: Route) -> Tensor:
+    """Call a sublayer, passing the route only to specialized ones."""
     if isinstance(layer, TokenSpecialized):
-        if types is None:
-            raise ValueError(f"{type(layer).__name__} needs the token layout (types=None given)")
-        return layer(x, types)
+        if route is None:
+            raise ValueError(f"{type(layer).__name__} needs a token route (None given)")
+        return layer(x, route)
     return layer(x)
 
 

@@ -1,9 +1,10 @@
-"""Which tokens of a sequence take the prefix ([CLS] / register) path.
+"""How a token sequence is routed through specialized layers.
 
-Specialized layers need to know, for every token, whether it is a prefix token or a patch
-token. Inside one image the prefix tokens are the leading positions, which allows cheap
-slicing; packed sequences (several crops concatenated into one row) interleave them, so
-the general form is a boolean mask.
+A specialized model keeps the prefix ([CLS], registers) and the patch tokens of an image as
+two separate streams, each a contiguous tensor: every specialized layer then runs its fused
+kernel once per stream with no gathering or copying, and only attention joins them. Packed
+sequences (several crops concatenated into one row) interleave the two types; they are a
+single stream routed by a boolean mask.
 """
 
 from __future__ import annotations
@@ -13,38 +14,34 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+PREFIX = "prefix"
+PATCH = "patch"
+
 
 @dataclass(frozen=True)
 class TokenTypes:
-    """Token-type layout of a (B, N, D) sequence.
-
-    `prefix_mask` is (B, N) or (1, N), True where a token takes the prefix path.
-    `num_leading` is set when the prefix tokens are exactly positions [0, num_leading) of
-    every row, which lets the layers split by slicing instead of gathering.
-    """
+    """Mixed stream: `prefix_mask` is (B, N) or (1, N), True where a token is a prefix token."""
 
     prefix_mask: Tensor
-    num_leading: int | None = None
 
-    @classmethod
-    def leading(cls, num_prefix: int, seq_len: int, device: torch.device) -> TokenTypes:
-        """Layout of one image: the first `num_prefix` tokens are prefix tokens."""
-        mask = torch.zeros(1, seq_len, dtype=torch.bool, device=device)
-        mask[:, :num_prefix] = True
-        return cls(mask, num_leading=num_prefix)
-
-    @classmethod
-    def from_mask(cls, prefix_mask: Tensor) -> TokenTypes:
-        """Arbitrary layout, e.g. several crops packed into one sequence."""
-        if prefix_mask.dtype != torch.bool or prefix_mask.dim() != 2:
+    def __post_init__(self) -> None:
+        mask = self.prefix_mask
+        if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(
-                f"prefix_mask must be a (B, N) bool tensor, got {prefix_mask.dtype} "
-                f"of shape {tuple(prefix_mask.shape)}"
+                f"prefix_mask must be a (B, N) bool tensor, got {mask.dtype} {tuple(mask.shape)}"
             )
-        return cls(prefix_mask, num_leading=None)
 
     def select_rows(self, index: Tensor) -> TokenTypes:
         """Layout of a subset of the batch (stochastic depth computes on a subset)."""
         if self.prefix_mask.shape[0] == 1:
             return self
-        return TokenTypes(self.prefix_mask[index], self.num_leading)
+        return TokenTypes(self.prefix_mask[index])
+
+
+Route = str | TokenTypes | None
+"""PREFIX or PATCH for a stream of one token type, TokenTypes for a mixed stream, None
+for a vanilla model (every layer shared)."""
+
+
+def select_rows(route: Route, index: Tensor) -> Route:
+    return route.select_rows(index) if isinstance(route, TokenTypes) else route

@@ -23,7 +23,7 @@ from dinospec.models.specialize import (
     apply_layer,
     make_norm,
 )
-from dinospec.models.tokens import TokenTypes
+from dinospec.models.tokens import PATCH, PREFIX, Route
 
 
 class DinoVisionTransformer(nn.Module):
@@ -122,6 +122,7 @@ class DinoVisionTransformer(nn.Module):
                 ffn_layer,
                 attn_backend,
                 self.plan.per_block[i],
+                self.plan.num_prefix_path_tokens(num_register_tokens),
             )
             for i in range(depth)
         )
@@ -194,21 +195,25 @@ class DinoVisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]], dim=1)
         return x
 
-    def token_types(self, x: Tensor) -> TokenTypes | None:
-        """Layout of a prepared sequence; None for a vanilla model (nothing to route)."""
+    def split_streams(self, x: Tensor) -> tuple[list[Tensor], list[Route]]:
+        """A prepared sequence as the streams the blocks run on: one shared stream for a
+        vanilla model, prefix and patch streams for a specialized one."""
         if not self.is_specialized:
-            return None
-        num_prefix = self.plan.num_prefix_path_tokens(self.num_register_tokens)
-        return TokenTypes.leading(num_prefix, x.shape[1], x.device)
+            return [x], [None]
+        n = self.plan.num_prefix_path_tokens(self.num_register_tokens)
+        return [x[:, :n].contiguous(), x[:, n:].contiguous()], [PREFIX, PATCH]
 
-    def _outputs(self, x: Tensor, types: TokenTypes | None, masks: Tensor | None) -> dict:
-        x_norm = apply_layer(self.norm, x, types)
+    def _normed(self, streams: list[Tensor], routes: list[Route]) -> Tensor:
+        return _join([apply_layer(self.norm, x, r) for x, r in zip(streams, routes, strict=True)])
+
+    def _outputs(self, streams: list[Tensor], routes: list[Route], masks: Tensor | None) -> dict:
+        x_norm = self._normed(streams, routes)
         r = self.num_register_tokens
         return {
             "x_norm_clstoken": x_norm[:, 0],
             "x_norm_regtokens": x_norm[:, 1 : r + 1],
             "x_norm_patchtokens": x_norm[:, r + 1 :],
-            "x_prenorm": x,
+            "x_prenorm": _join(streams),
             "masks": masks,
         }
 
@@ -217,11 +222,15 @@ class DinoVisionTransformer(nn.Module):
     ) -> list[dict]:
         """Multi-crop: each element is a batch of same-size crops; all share each block
         call so a sharded block is gathered once per step, not once per crop size."""
-        xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list, strict=True)]
-        types = [self.token_types(x) for x in xs]
+        prepared = [
+            self.split_streams(self.prepare_tokens_with_masks(x, m))
+            for x, m in zip(x_list, masks_list, strict=True)
+        ]
+        streams = [s for s, _ in prepared]
+        routes = [r for _, r in prepared]
         for blk in self.blocks:
-            xs = [blk(x, t) for x, t in zip(xs, types, strict=True)]
-        return [self._outputs(x, t, m) for x, t, m in zip(xs, types, masks_list, strict=True)]
+            streams = [blk.forward_streams(s, r) for s, r in zip(streams, routes, strict=True)]
+        return [self._outputs(s, r, m) for s, r, m in zip(streams, routes, masks_list, strict=True)]
 
     def forward_features(
         self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None
@@ -229,25 +238,23 @@ class DinoVisionTransformer(nn.Module):
         if isinstance(x, (list, tuple)):
             masks_list = masks if masks is not None else [None] * len(x)
             return self.forward_features_list(x, masks_list)
-        x = self.prepare_tokens_with_masks(x, masks)
-        types = self.token_types(x)
+        streams, routes = self.split_streams(self.prepare_tokens_with_masks(x, masks))
         for blk in self.blocks:
-            x = blk(x, types)
-        return self._outputs(x, types, masks)
+            streams = blk.forward_streams(streams, routes)
+        return self._outputs(streams, routes, masks)
 
-    def _intermediate(self, x: Tensor, n: int | Sequence[int]) -> tuple[list[Tensor], TokenTypes]:
-        x = self.prepare_tokens_with_masks(x)
-        types = self.token_types(x)
+    def _intermediate(self, x: Tensor, n: int | Sequence[int], norm: bool) -> list[Tensor]:
+        streams, routes = self.split_streams(self.prepare_tokens_with_masks(x))
         depth = len(self.blocks)
         take = set(range(depth - n, depth)) if isinstance(n, int) else set(n)
         if not take <= set(range(depth)):
             raise ValueError(f"requested blocks {sorted(take)} but the model has {depth}")
         outputs = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, types)
+            streams = blk.forward_streams(streams, routes)
             if i in take:
-                outputs.append(x)
-        return outputs, types
+                outputs.append(self._normed(streams, routes) if norm else _join(streams))
+        return outputs
 
     def get_intermediate_layers(
         self,
@@ -258,9 +265,7 @@ class DinoVisionTransformer(nn.Module):
         norm: bool = True,
     ) -> tuple:
         """Outputs of the last n blocks (or of the listed blocks), as in DINOv2."""
-        outputs, types = self._intermediate(x, n)
-        if norm:
-            outputs = [apply_layer(self.norm, out, types) for out in outputs]
+        outputs = self._intermediate(x, n, norm)
         class_tokens = [out[:, 0] for out in outputs]
         patches = [out[:, 1 + self.num_register_tokens :] for out in outputs]
         if reshape:
@@ -276,6 +281,10 @@ class DinoVisionTransformer(nn.Module):
         if is_training:
             return ret
         return self.head(ret["x_norm_clstoken"])
+
+
+def _join(streams: list[Tensor]) -> Tensor:
+    return streams[0] if len(streams) == 1 else torch.cat(streams, dim=1)
 
 
 def build_backbone(config: ModelConfig) -> DinoVisionTransformer:
