@@ -1,0 +1,62 @@
+"""The DINO projection head, shared by the DINO and (unless separate) iBOT objectives."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class WeightNormLinear(nn.Module):
+    """Linear layer without bias whose rows are `weight_g * weight_v / ||weight_v||`.
+
+    Written out rather than taken from torch.nn.utils so the parameters keep DINOv2's names
+    (`weight_g`, `weight_v`) and stay plain parameters that FSDP2 can shard.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        return F.linear(x, weight)
+
+
+class DINOHead(nn.Module):
+    """MLP -> L2-normalized bottleneck -> weight-normalized prototypes (SPEC section 3).
+
+    The normalized bottleneck with a fixed-norm last layer (weight_g stays 1 unless trained)
+    keeps the logits bounded, which is what lets a 65,536-way softmax train stably.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+    ) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(x)
