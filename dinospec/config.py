@@ -72,8 +72,100 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where training images come from. `dataset`: synthetic (embedded, no files),
+    imagenet (`path`/train/<wnid>/*.JPEG), folder (any image tree) or list (a text file
+    of image paths)."""
+
+    dataset: str = "synthetic"
+    path: str | None = None
+    synthetic_size: int = 20000
+    synthetic_image_size: int = 64
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class CropsConfig:
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    local_crops_number: int = 8
+    global_crops_size: int = 224
+    local_crops_size: int = 98  # 96 in SPEC for patch 16; DINOv2 uses 98 with patch 14
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    head_n_prototypes: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+
+
+@dataclass
+class IbotConfig:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    separate_head: bool = False
+    head_n_prototypes: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    base_lr: float = 0.004
+    min_lr: float = 1.0e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: int = 1
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    batch_size_per_gpu: int = 64
+    epoch_length: int = 1250
+    centering: str = "softmax"
+    log_every: int = 10
+    checkpoint_every: int = 1250
+    keep_last: int = 3
+    max_nonfinite_skips: int = 3
+    fsdp: bool = False
+    max_iterations: int | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def resolve_blocks(value: Any, depth: int) -> list[int]:
@@ -185,6 +277,7 @@ def config_to_yaml(config: Config) -> str:
 
 def _validate(config: Config, provenance: _Provenance) -> None:
     problems = [(f"model.{k}", v, p) for k, v, p in model_problems(config.model)]
+    problems += training_problems(config)
     if problems:
         lines = [f"{provenance.source_of(k)}: {k}={v!r}: {p}" for k, v, p in problems]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
@@ -222,4 +315,43 @@ def model_problems(m: ModelConfig) -> list[tuple[str, Any, str]]:
             resolve_blocks(value, max(m.depth, 0))
         except ValueError as err:
             out.append((f"specialize.{key}", value, f"{err} (depth={m.depth})"))
+    return out
+
+
+DATASETS = ("synthetic", "imagenet", "folder", "list")
+CENTERINGS = ("softmax", "sinkhorn_knopp")
+
+
+def training_problems(c: Config) -> list[tuple[str, Any, str]]:
+    """Impossible values outside the model, as (key, value, what is wrong)."""
+    out: list[tuple[str, Any, str]] = []
+    if c.data.dataset not in DATASETS:
+        out.append(("data.dataset", c.data.dataset, f"must be one of {list(DATASETS)}"))
+    if c.data.dataset != "synthetic" and not c.data.path:
+        out.append(("data.path", c.data.path, f"is required for dataset '{c.data.dataset}'"))
+    if not 0.0 <= c.data.max_bad_fraction < 1.0:
+        out.append(("data.max_bad_fraction", c.data.max_bad_fraction, "must be in [0, 1)"))
+    if c.train.centering not in CENTERINGS:
+        out.append(("train.centering", c.train.centering, f"must be one of {list(CENTERINGS)}"))
+    for key in ("crops.global_crops_size", "crops.local_crops_size"):
+        size = OmegaConf.select(OmegaConf.structured(c), key)
+        if size % c.model.patch_size:
+            out.append((key, size, f"must be a multiple of patch_size={c.model.patch_size}"))
+    for key in ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max"):
+        pair = list(OmegaConf.select(OmegaConf.structured(c), key))
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= 1:
+            out.append((key, pair, "must be [low, high] with 0 < low <= high <= 1"))
+    positive = {
+        "train.batch_size_per_gpu": c.train.batch_size_per_gpu,
+        "train.epoch_length": c.train.epoch_length,
+        "train.log_every": c.train.log_every,
+        "train.checkpoint_every": c.train.checkpoint_every,
+        "train.keep_last": c.train.keep_last,
+        "optim.epochs": c.optim.epochs,
+    }
+    out += [(k, v, "must be > 0") for k, v in positive.items() if v <= 0]
+    if c.optim.warmup_epochs > c.optim.epochs:
+        out.append(
+            ("optim.warmup_epochs", c.optim.warmup_epochs, f"exceeds optim.epochs={c.optim.epochs}")
+        )
     return out

@@ -1,0 +1,96 @@
+"""Process-group set-up from torchrun or SLURM variables, and FSDP2 wrapping.
+
+One code path for one CPU process, several gloo processes on a workstation, and many nodes
+of GPUs under SLURM: only the environment differs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_from_slurm() -> dict[str, str]:
+    """torchrun-style variables derived from SLURM's, for jobs started by srun."""
+    job_id = int(os.environ["SLURM_JOB_ID"])
+    nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+    return {
+        "RANK": os.environ["SLURM_PROCID"],
+        "WORLD_SIZE": os.environ["SLURM_NTASKS"],
+        "LOCAL_RANK": os.environ["SLURM_LOCALID"],
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR", first_host(nodes)),
+        "MASTER_PORT": os.environ.get("MASTER_PORT", str(20000 + job_id % 20000)),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as `gpu[003-005,010],cpu1` (-> gpu003)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0]
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group described by the environment, if any.
+
+    torchrun's variables win; otherwise SLURM's (one task per GPU); otherwise a single
+    process without a process group. gloo on CPU, NCCL on GPU.
+    """
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ.update(_env_from_slurm())
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def shard_model(model: nn.Module, blocks: Iterable[nn.Module], mixed_precision: bool) -> None:
+    """FSDP2: every transformer block is its own unit (gathered just before it runs), the
+    rest (embeddings, final norm, heads) forms the root unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (for logging); identity without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
