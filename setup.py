@@ -1,13 +1,17 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="dinospec",
     version="0.1.0",
     description="DINOv2-style self-supervised pretraining with [CLS]/patch layer specialization",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["dinospec", "dinospec.*", "eval", "eval.*", "launch", "launch.*"]),
+    packages=find_packages(
+        include=["dinospec", "dinospec.*", "eval", "eval.*", "launch", "launch.*"]
+    ),
     install_requires=[
         "torch>=2.6",
         "torchvision>=0.21",
@@ -22,7 +26,7 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "torchmetrics>=1.0"],
     },
     entry_points={"console_scripts": ["dinospec = dinospec.cli:main"]},
 )

@@ -67,7 +67,9 @@ def main() -> None:
     )
     print(f"{'model':<12}{'median s':>10}{'min s':>10}{'max s':>10}")
     for name, values in times.items():
-        print(f"{name:<12}{statistics.median(values):>10.3f}{min(values):>10.3f}{max(values):>10.3f}")
+        print(
+            f"{name:<12}{statistics.median(values):>10.3f}{min(values):>10.3f}{max(values):>10.3f}"
+        )
     print(f"specialized / vanilla, median of per-round ratios: {statistics.median(ratios):.3f}")
 
 

@@ -18,6 +18,12 @@ def _info(args: argparse.Namespace) -> None:
     print(format_report(rows, args.img_size))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from dinospec.train.loop import train
+
+    train(load_config(args.config, args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinospec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.depth=6")
     info.add_argument("--img-size", type=int, default=224, help="input size for the FLOP count")
     info.set_defaults(func=_info)
+    train = commands.add_parser("train", help="self-supervised pretraining (resumes if possible)")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.seed=1")
+    train.set_defaults(func=_train)
     return parser
 
 

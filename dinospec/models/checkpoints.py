@@ -102,14 +102,17 @@ def _backbone_state_dict(obj: object, path: Path) -> StateDict:
 def save_backbone(model: DinoVisionTransformer, path: str | Path) -> None:
     """Export a backbone: `.safetensors` keeps the model config as metadata; any other
     suffix writes a plain state dict with DINOv2 key names (loadable by DINOv2 itself)."""
+    write_backbone(model.state_dict(), model.config, path)
+
+
+def write_backbone(state_dict: Mapping[str, Tensor], config: ModelConfig, path: str | Path) -> None:
+    """`save_backbone` for a state dict already gathered (e.g. from FSDP shards)."""
     path = Path(path)
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
-        save_file(
-            state_dict, path, metadata={CONFIG_METADATA_KEY: json.dumps(asdict(model.config))}
-        )
+        save_file(tensors, path, metadata={CONFIG_METADATA_KEY: json.dumps(asdict(config))})
     else:
-        torch.save(state_dict, path)
+        torch.save(tensors, path)
 
 
 def load_backbone(

@@ -210,9 +210,15 @@ class Block(nn.Module):
             streams = [x + br for x, br in zip(streams, branches, strict=True)]
         return streams
 
-    def forward(self, x: Tensor, route: Route = None) -> Tensor:
-        """Plain-tensor call, as DINOv2 code makes it; a specialized block given no route
-        treats the first `num_prefix_tokens` tokens of every row as the prefix stream."""
+    def forward(
+        self, x: Tensor | list[Tensor], route: Route | list[Route] = None
+    ) -> Tensor | list[Tensor]:
+        """Streams in, streams out, as the backbone calls it (through `__call__`, so FSDP's
+        hooks gather the block's parameters). A plain tensor, as DINOv2 code passes it, is
+        routed by `route`; a specialized block given no route treats the first
+        `num_prefix_tokens` tokens of every row as the prefix stream."""
+        if isinstance(x, list):
+            return self.forward_streams(x, route)
         if route is None and self.specialized:
             n = self.num_prefix_tokens
             streams = [x[:, :n].contiguous(), x[:, n:].contiguous()]

@@ -229,7 +229,7 @@ class DinoVisionTransformer(nn.Module):
         streams = [s for s, _ in prepared]
         routes = [r for _, r in prepared]
         for blk in self.blocks:
-            streams = [blk.forward_streams(s, r) for s, r in zip(streams, routes, strict=True)]
+            streams = [blk(s, r) for s, r in zip(streams, routes, strict=True)]
         return [self._outputs(s, r, m) for s, r, m in zip(streams, routes, masks_list, strict=True)]
 
     def forward_features(
@@ -240,7 +240,7 @@ class DinoVisionTransformer(nn.Module):
             return self.forward_features_list(x, masks_list)
         streams, routes = self.split_streams(self.prepare_tokens_with_masks(x, masks))
         for blk in self.blocks:
-            streams = blk.forward_streams(streams, routes)
+            streams = blk(streams, routes)
         return self._outputs(streams, routes, masks)
 
     def _intermediate(self, x: Tensor, n: int | Sequence[int], norm: bool) -> list[Tensor]:
@@ -251,7 +251,7 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"requested blocks {sorted(take)} but the model has {depth}")
         outputs = []
         for i, blk in enumerate(self.blocks):
-            streams = blk.forward_streams(streams, routes)
+            streams = blk(streams, routes)
             if i in take:
                 outputs.append(self._normed(streams, routes) if norm else _join(streams))
         return outputs

@@ -1,0 +1,95 @@
+"""Batch assembly for self-supervised training: stacked crops plus iBOT masks, as DINOv2.
+
+Crops are stacked crop-major (every image's first global crop, then every image's second),
+which is the order the losses assume when they pair student and teacher views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+MaskFn = Callable[[int, np.random.Generator], np.ndarray]
+
+
+def collate_data_and_cast(
+    samples_list: Sequence[tuple[dict[str, Any], Any]],
+    *,
+    mask_generator: MaskFn,
+    mask_ratio_tuple: tuple[float, float] = (0.1, 0.5),
+    mask_probability: float = 0.5,
+    dtype: torch.dtype = torch.float32,
+    n_tokens: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> dict[str, Any]:
+    """Collate (crops dict, target) samples into one training batch.
+
+    `rng` drives the mask ratios, the masks and their order. Leave it None inside a
+    DataLoader: a Generator bound into the collate function is copied into every worker
+    with the same state, so all workers would draw the same masks; with None a fresh
+    Generator is seeded from torch's RNG, which the DataLoader seeds per worker.
+    """
+    rng = _rng_from_torch() if rng is None else rng
+    n_tokens = _token_count(mask_generator, n_tokens)
+    global_crops = stack_crops(samples_list, "global_crops")
+    local_crops = stack_crops(samples_list, "local_crops")
+    n_images = global_crops.shape[0]
+    n_masked_images = int(n_images * mask_probability)
+    ratios, upperbound = stratified_mask_ratios(n_masked_images, mask_ratio_tuple, n_tokens, rng)
+    masks = [mask_generator(int(n_tokens * r), rng) for r in ratios]
+    masks += [mask_generator(0, rng) for _ in range(n_images - n_masked_images)]
+    order = rng.permutation(n_images)
+    collated_masks = torch.from_numpy(np.stack([masks[i] for i in order])).flatten(1)
+    mask_indices_list = collated_masks.flatten().nonzero().flatten()
+    return {
+        "collated_global_crops": global_crops.to(dtype),
+        "collated_local_crops": local_crops.to(dtype),
+        "collated_masks": collated_masks,
+        "mask_indices_list": mask_indices_list,
+        "masks_weight": masks_weight(collated_masks),
+        "upperbound": upperbound,
+        "n_masked_patches": torch.full((1,), mask_indices_list.numel(), dtype=torch.long),
+    }
+
+
+def stack_crops(samples_list: Sequence[tuple[dict[str, Any], Any]], key: str) -> Tensor:
+    """Crop-major stack: index `crop * batch + image`."""
+    n_crops = len(samples_list[0][0][key])
+    return torch.stack([sample[0][key][c] for c in range(n_crops) for sample in samples_list])
+
+
+def stratified_mask_ratios(
+    n: int, bounds: tuple[float, float], n_tokens: int, rng: np.random.Generator
+) -> tuple[list[float], int]:
+    """One ratio drawn uniformly in each of n equal slices of `bounds`, so a batch always
+    spans easy and hard masking instead of clustering by chance; also returns the largest
+    total number of masked tokens these slices allow (DINOv2's `upperbound`)."""
+    edges = np.linspace(bounds[0], bounds[1], n + 1)
+    ratios = [float(rng.uniform(lo, hi)) for lo, hi in pairwise(edges)]
+    upperbound = sum(int(n_tokens * hi) for hi in edges[1:])
+    return ratios, upperbound
+
+
+def masks_weight(collated_masks: Tensor) -> Tensor:
+    """1 / (masked tokens in the same image) for each masked token, in flattened order, so
+    every masked image contributes equally to the iBOT loss whatever its mask size."""
+    per_image = 1.0 / collated_masks.sum(-1).clamp(min=1.0)
+    return per_image.unsqueeze(-1).expand_as(collated_masks)[collated_masks]
+
+
+def _token_count(mask_generator: MaskFn, n_tokens: int | None) -> int:
+    grid = getattr(mask_generator, "num_patches", None)
+    if n_tokens is None and grid is None:
+        raise ValueError("n_tokens is required when the mask generator has no num_patches")
+    if n_tokens is not None and grid is not None and n_tokens != grid:
+        raise ValueError(f"n_tokens={n_tokens} but the mask generator covers {grid} patches")
+    return n_tokens if n_tokens is not None else grid
+
+
+def _rng_from_torch() -> np.random.Generator:
+    return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))

@@ -1,0 +1,189 @@
+"""The training data stream: images -> multi-crop views -> batches with iBOT masks.
+
+Every random draw is a function of the seed and of a position in the global sample stream
+(augmentations) or of the iteration (masks), never of worker or process state. A resumed
+run therefore sees exactly the batches an uninterrupted run would have seen, and a run on
+two processes sees the same global batches as a run on one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dinospec.config import Config
+from dinospec.data.collate import masks_weight, stack_crops, stratified_mask_ratios
+from dinospec.data.datasets import ImageList, ImageNetFolder, ImageTree
+from dinospec.data.masking import MaskingGenerator
+from dinospec.data.samplers import pass_order
+from dinospec.data.synthetic import SyntheticScenes
+from dinospec.data.transforms import MultiCropAugmentation
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed from integers, well mixed (neighbouring keys give unrelated seeds)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def build_image_dataset(config: Config) -> Dataset:
+    """The unlabelled image source named by `data`; a missing path fails here, before any
+    model is built."""
+    data = config.data
+    if data.dataset == "synthetic":
+        return SyntheticScenes(
+            data.synthetic_size, data.synthetic_image_size, seed=config.train.seed
+        )
+    path = Path(data.path)
+    if data.dataset == "imagenet":
+        return ImageNetFolder(path / "train", max_bad_fraction=data.max_bad_fraction)
+    if data.dataset == "folder":
+        return ImageTree(path, max_bad_fraction=data.max_bad_fraction)
+    return ImageList(path, max_bad_fraction=data.max_bad_fraction)
+
+
+class PositionSampler(Sampler[tuple[int, int]]):
+    """This rank's (global position, dataset index) pairs from `start`, forever.
+
+    Global position p goes to rank p % world_size; pass k over the dataset is a
+    permutation seeded by (seed, k). The global stream does not depend on the world size.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int, seed: int, start: int) -> None:
+        if start % world_size:
+            raise ValueError(f"start position {start} is not a multiple of world size {world_size}")
+        self.size, self.rank, self.world_size, self.seed, self.start = (
+            size,
+            rank,
+            world_size,
+            seed,
+            start,
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start + self.rank
+        cached_pass, order = -1, np.empty(0, dtype=np.int64)
+        while True:
+            pass_index, offset = divmod(position, self.size)
+            if pass_index != cached_pass:
+                cached_pass, order = pass_index, pass_order(self.size, self.seed, pass_index, True)
+            yield position, int(order[offset])
+            position += self.world_size
+
+
+class AugmentedImages(Dataset):
+    """Multi-crop views of the image at a dataset index, seeded by the stream position."""
+
+    def __init__(self, images: Dataset, augmentation: MultiCropAugmentation, seed: int) -> None:
+        self.images = images
+        self.augmentation = augmentation
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, dict[str, Any]]:
+        position, index = key
+        image = self.images[index][0]
+        torch.manual_seed(derived_seed(self.seed, position))
+        return position, self.augmentation(image)
+
+
+class StepCollator:
+    """Stacks crops (crop-major) and draws iBOT masks for the global batch of the step.
+
+    DINOv2 stratifies mask ratios over each GPU's batch; here they are stratified over the
+    global batch, and each crop slot's mask is drawn from its own seed, so every rank
+    draws only its own masks and the result does not depend on the world size.
+    """
+
+    def __init__(self, config: Config, global_batch: int, n_tokens: int, grid: int) -> None:
+        self.seed = config.train.seed
+        self.global_batch = global_batch
+        self.n_tokens = n_tokens
+        self.probability = config.ibot.mask_sample_probability
+        self.ratios = tuple(config.ibot.mask_ratio_min_max)
+        self.generator = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
+
+    def slot_ratios(self, step: int) -> np.ndarray:
+        """Mask ratio of each of the 2 x global-batch global-crop slots of a step."""
+        n_slots = 2 * self.global_batch
+        rng = np.random.default_rng([self.seed, step, 0])
+        n_masked = int(n_slots * self.probability)
+        drawn, _ = stratified_mask_ratios(n_masked, self.ratios, self.n_tokens, rng)
+        ratios = np.zeros(n_slots)
+        ratios[rng.permutation(n_slots)[:n_masked]] = drawn
+        return ratios
+
+    def __call__(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        positions = [p for p, _ in items]
+        step = positions[0] // self.global_batch
+        ratios = self.slot_ratios(step)
+        rows = [p - step * self.global_batch for p in positions]
+        slots = [c * self.global_batch + r for c in range(2) for r in rows]
+        masks = torch.from_numpy(
+            np.stack(
+                [
+                    self.generator(
+                        int(self.n_tokens * ratios[s]),
+                        np.random.default_rng([self.seed, step, 1, s]),
+                    ).reshape(-1)
+                    for s in slots
+                ]
+            )
+        )
+        samples = [(crops, None) for _, crops in items]
+        indices = masks.flatten().nonzero().flatten()
+        return {
+            "step": step,
+            "collated_global_crops": stack_crops(samples, "global_crops"),
+            "collated_local_crops": stack_crops(samples, "local_crops"),
+            "collated_masks": masks,
+            "mask_indices_list": indices,
+            "masks_weight": masks_weight(masks),
+            "n_masked_patches": torch.tensor([indices.numel()]),
+        }
+
+
+def build_loader(
+    config: Config, images: Dataset, rank: int, world_size: int, start_step: int
+) -> Iterator[dict[str, Any]]:
+    """Infinite iterator of this rank's batches from `start_step` on."""
+    crops = config.crops
+    augmentation = MultiCropAugmentation(
+        crops.global_crops_scale,
+        crops.local_crops_scale,
+        crops.local_crops_number,
+        crops.global_crops_size,
+        crops.local_crops_size,
+    )
+    per_rank = config.train.batch_size_per_gpu
+    global_batch = per_rank * world_size
+    grid = crops.global_crops_size // config.model.patch_size
+    sampler = PositionSampler(
+        len(images), rank, world_size, config.train.seed, start_step * global_batch
+    )
+    workers = config.data.num_workers
+    return iter(
+        DataLoader(
+            AugmentedImages(images, augmentation, config.train.seed),
+            batch_size=per_rank,
+            sampler=sampler,
+            collate_fn=StepCollator(config, global_batch, grid * grid, grid),
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            prefetch_factor=2 if workers > 0 else None,
+        )
+    )
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
+    }

@@ -1,0 +1,313 @@
+"""The pretraining job: build everything from a config, resume, train, log, checkpoint.
+
+`train(config)` is what both `dinospec train` and the SLURM launcher call. The same code
+runs one CPU process, several gloo processes, or many GPUs with NCCL and FSDP2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from dinospec.config import Config, config_to_yaml
+from dinospec.distributed import DistInfo, all_reduce_mean, init_distributed, shard_model
+from dinospec.models.checkpoints import write_backbone
+from dinospec.train.checkpoint import resume_latest, save_checkpoint
+from dinospec.train.data import build_image_dataset, build_loader, derived_seed, to_device
+from dinospec.train.ema import ema_update
+from dinospec.train.optim import apply_schedule_values, param_groups
+from dinospec.train.schedules import TrainingSchedules, dinov2_schedules
+from dinospec.train.ssl import SSLModel
+
+log = logging.getLogger("dinospec.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because loss terms stayed non-finite; names them."""
+
+
+@dataclass
+class Progress:
+    """What a resumed run needs beyond the weights: every random draw and schedule value
+    is a function of the seed and these counters, so they restore every RNG stream."""
+
+    iteration: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    skipped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+
+def schedules_for(config: Config, global_batch: int) -> TrainingSchedules:
+    o, t = config.optim, config.teacher
+    return dinov2_schedules(
+        epochs=o.epochs,
+        epoch_length=config.train.epoch_length,
+        batch_size=global_batch,
+        base_lr=o.base_lr,
+        min_lr=o.min_lr,
+        warmup_epochs=o.warmup_epochs,
+        weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end,
+        momentum_teacher=t.momentum_teacher,
+        final_momentum_teacher=t.final_momentum_teacher,
+        teacher_temp=t.teacher_temp,
+        warmup_teacher_temp=t.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=min(t.warmup_teacher_temp_epochs, o.epochs),
+        freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+    )
+
+
+def _checkpoint_state(
+    model: SSLModel, optimizer: torch.optim.Optimizer, progress: Progress
+) -> dict:
+    """Tensors only: DCP would pickle anything else, and loading must never unpickle.
+    Optimizer param groups are left out; they are rebuilt from the config every step."""
+    return {
+        "student": get_model_state_dict(model.student),
+        "teacher": get_model_state_dict(model.teacher),
+        "optimizer": {"state": get_optimizer_state_dict(model.student, optimizer)["state"]},
+        "losses": {"dino_center": model.dino_loss.center, "ibot_center": model.ibot_loss.center},
+        "progress": {"iteration": progress.iteration, "skipped": progress.skipped},
+    }
+
+
+def _restore(model: SSLModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_model_state_dict(model.student, state["student"])
+    set_model_state_dict(model.teacher, state["teacher"])
+    full = get_optimizer_state_dict(model.student, optimizer)
+    full["state"] = state["optimizer"]["state"]
+    set_optimizer_state_dict(model.student, optimizer, full)
+
+
+class Trainer:
+    """One training run; `run()` goes from the resume point to the configured end."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.info: DistInfo = init_distributed()
+        if self.info.device.type == "cpu" and config.data.num_workers:
+            # small CPU ops run slower when data workers and compute threads oversubscribe
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - config.data.num_workers))
+        self.run_dir = Path(config.train.output_dir)
+        self.images = build_image_dataset(config)
+        torch.manual_seed(config.train.seed)
+        self.model = SSLModel(config).to(self.info.device)
+        self.model.train()
+        if config.train.fsdp or self.info.world_size > 1:
+            for part in (self.model.student, self.model.teacher):
+                shard_model(part.backbone, part.backbone.blocks, self.info.device.type == "cuda")
+                for name, head in part.items():
+                    if name != "backbone":
+                        shard_model(head, [], self.info.device.type == "cuda")
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(
+            param_groups(
+                dict(self.model.student.items()), o.layerwise_decay, o.patch_embed_lr_mult
+            ),
+            betas=(o.adamw_beta1, o.adamw_beta2),
+            fused=self.info.device.type == "cuda",
+        )
+        self.global_batch = config.train.batch_size_per_gpu * self.info.world_size
+        self.schedules = schedules_for(config, self.global_batch)
+        self.total = o.epochs * config.train.epoch_length
+        self.stop = min(self.total, config.train.max_iterations or self.total)
+        self.progress = Progress()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def _log(self, message: str) -> None:
+        if self.info.is_main:
+            print(message, flush=True)
+
+    def resume(self) -> int:
+        state = _checkpoint_state(self.model, self.optimizer, self.progress)
+        iteration = resume_latest(self.run_dir / "checkpoints", state)
+        if iteration is None:
+            return 0
+        _restore(self.model, self.optimizer, state)
+        self._log(f"resumed from iteration {iteration} in {self.run_dir / 'checkpoints'}")
+        return iteration
+
+    def checkpoint(self, iteration: int) -> Path:
+        self.progress.iteration.fill_(iteration)
+        self.model.dino_loss.apply_center_update()
+        self.model.ibot_loss.apply_center_update()
+        state = _checkpoint_state(self.model, self.optimizer, self.progress)
+        path = save_checkpoint(
+            self.run_dir / "checkpoints", iteration, state, self.config.train.keep_last
+        )
+        self.export_teacher()
+        return path
+
+    def export_teacher(self) -> None:
+        """The teacher backbone as plain DINOv2-keyed `.pth` and as `.safetensors`."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model.teacher.backbone, options=options)
+        if self.info.is_main:
+            for suffix in (".pth", ".safetensors"):
+                write_backbone(state, self.config.model, self.run_dir / f"teacher_backbone{suffix}")
+
+    def step(
+        self, batch: dict[str, Any], values: dict[str, float]
+    ) -> tuple[dict[str, float], dict]:
+        """One optimization step; returns the loss terms and the collapse indicators. A
+        non-finite term skips the update on every rank (the flag is reduced)."""
+        model = self.model
+        device = self.info.device
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            targets = model.teacher_targets(batch, values["teacher_temp"])
+            terms, student_cls = model.losses(batch, targets)
+        finite = torch.tensor(
+            [float(torch.isfinite(v).all()) for v in terms.values()], device=device
+        )
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        bad = [name for name, ok in zip(terms, finite.tolist(), strict=True) if not ok]
+        values_out = {k: float(all_reduce_mean(v.detach().float())) for k, v in terms.items()}
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            return values_out | {"nonfinite": bad}, {}
+        model.update_centers(targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        for module in model.student.values():
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.optim.clip_grad)
+        self.optimizer.step()
+        ema_update(model.teacher, model.student, values["momentum"])
+        return values_out, model.monitor(targets, student_cls)
+
+    def run(self) -> Path:
+        start = self.resume()
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
+        if start >= self.stop:
+            self._log(f"nothing to do: run is at iteration {start}, stop is {self.stop}")
+            return self.run_dir
+        self._log(
+            f"training iterations {start}..{self.stop - 1} of {self.total}, run dir {self.run_dir}"
+        )
+        loader = build_loader(self.config, self.images, self.info.rank, self.info.world_size, start)
+        self._loop(loader, start)
+        return self.run_dir
+
+    def _loop(self, loader: Iterator[dict[str, Any]], start: int) -> None:
+        cfg = self.config.train
+        last_checkpoint: Path | None = None
+        window_start, data_time, window_iters = time.perf_counter(), 0.0, 0
+        for iteration in range(start, self.stop):
+            values = self.schedules.at(iteration)
+            apply_schedule_values(self.optimizer, values)
+            torch.manual_seed(derived_seed(cfg.seed, iteration, self.info.rank))
+            t0 = time.perf_counter()
+            batch = to_device(next(loader), self.info.device)
+            data_time += time.perf_counter() - t0
+            if batch["step"] != iteration:
+                raise RuntimeError(f"data stream at step {batch['step']}, training at {iteration}")
+            losses, monitor = self.step(batch, values)
+            window_iters += 1
+            if "nonfinite" in losses:
+                self._handle_nonfinite(iteration, losses["nonfinite"], last_checkpoint)
+                continue
+            done = iteration + 1
+            if done % cfg.log_every == 0 or done == self.stop:
+                elapsed = time.perf_counter() - window_start
+                self._write_metrics(done, losses, values, monitor, elapsed, data_time, window_iters)
+                window_start, data_time, window_iters = time.perf_counter(), 0.0, 0
+            if done % cfg.checkpoint_every == 0 or done == self.stop:
+                last_checkpoint = self.checkpoint(done)
+
+    def _handle_nonfinite(self, iteration: int, names: list[str], last: Path | None) -> None:
+        self.progress.skipped += 1
+        skipped = int(self.progress.skipped)
+        message = f"iteration {iteration}: non-finite loss term(s) {names}; update skipped"
+        log.warning(message)
+        self._log(f"WARNING {message} ({skipped}/{self.config.train.max_nonfinite_skips})")
+        if skipped > self.config.train.max_nonfinite_skips:
+            kept = last or "none written yet in this process"
+            raise NonFiniteLossError(
+                f"loss term(s) {names} not finite at iteration {iteration} after {skipped - 1} "
+                f"skipped steps; stopping. Last good checkpoint: {kept}"
+            )
+
+    def _write_metrics(
+        self,
+        iteration: int,
+        losses: dict[str, float],
+        values: dict[str, float],
+        monitor: dict[str, float],
+        elapsed: float,
+        data_time: float,
+        iters: int,
+    ) -> None:
+        per_iter = elapsed / max(iters, 1)
+        if self.info.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        record = {
+            "iteration": iteration,
+            "loss": sum(losses.values()),
+            **{f"loss_{k}": v for k, v in losses.items()},
+            **{k: values[k] for k in ("lr", "wd", "momentum", "teacher_temp")},
+            **monitor,
+            "images_per_s": self.global_batch / per_iter,
+            "data_time_s": data_time / max(iters, 1),
+            "iter_time_s": per_iter,
+            "peak_memory_mb": peak_mb,
+            "eta_s": per_iter * (self.stop - iteration),
+        }
+        if not self.info.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+        self._log(
+            f"it {iteration}/{self.stop} loss {record['loss']:.4f} ({terms}) lr {values['lr']:.2e} "
+            f"wd {values['wd']:.3f} mom {values['momentum']:.4f} T {values['teacher_temp']:.3f} "
+            f"| {record['images_per_s']:.1f} img/s data {record['data_time_s']:.3f}s "
+            f"mem {peak_mb:.0f}MB eta {_duration(record['eta_s'])}"
+        )
+        self._warn_collapse(iteration, monitor)
+
+    def _warn_collapse(self, iteration: int, monitor: dict[str, float]) -> None:
+        """Only after the lr warm-up: LayerScale starts at 1e-5, so at first every image's
+        [CLS] is nearly the same by construction, not by collapse."""
+        if iteration < self.config.optim.warmup_epochs * self.config.train.epoch_length:
+            return
+        std, entropy = monitor.get("student_cls_std"), monitor.get("teacher_entropy")
+        if std is not None and std < 0.05:
+            self._log(
+                f"WARNING it {iteration}: student [CLS] features collapsed (spread {std:.3f})"
+            )
+        if entropy is not None and entropy < 0.01:
+            self._log(f"WARNING it {iteration}: teacher targets collapsed onto few prototypes")
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}:{m:02d}:{s:02d}"
+
+
+def train(config: Config) -> Path:
+    """Run (or resume) the pretraining job a config describes; returns the run directory."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return Trainer(config).run()

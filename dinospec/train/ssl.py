@@ -1,0 +1,155 @@
+"""Student, EMA teacher, heads and the DINOv2 objective for one training step."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinospec.config import Config
+from dinospec.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from dinospec.models import build_backbone
+from dinospec.models.heads import DINOHead
+
+N_GLOBAL = 2
+
+
+def _head(in_dim: int, c: Any) -> DINOHead:
+    return DINOHead(
+        in_dim, c.head_n_prototypes, c.head_hidden_dim, c.head_bottleneck_dim, c.head_nlayers
+    )
+
+
+class SSLModel(nn.Module):
+    """DINO [CLS] loss + iBOT masked-patch loss + KoLeo, student against EMA teacher.
+
+    The teacher starts as a copy of the student (no stochastic depth, eval mode), is never
+    given gradients, and is updated only by `dinospec.train.ema.ema_update`.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        backbone = build_backbone(config.model)
+        dim = backbone.embed_dim
+        student = {"backbone": backbone, "dino_head": _head(dim, config.dino)}
+        if config.ibot.separate_head:
+            student["ibot_head"] = _head(dim, config.ibot)
+        self.student = nn.ModuleDict(student)
+        teacher_backbone = build_backbone(replace(config.model, drop_path_rate=0.0))
+        self.teacher = nn.ModuleDict(
+            {"backbone": teacher_backbone}
+            | {k: copy.deepcopy(v) for k, v in student.items() if k != "backbone"}
+        )
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.dino_loss = DINOLoss(config.dino.head_n_prototypes)
+        ibot_dim = (
+            config.ibot.head_n_prototypes
+            if config.ibot.separate_head
+            else config.dino.head_n_prototypes
+        )
+        self.ibot_loss = IBOTPatchLoss(ibot_dim)
+        self.koleo_loss = KoLeoLoss()
+
+    def train(self, mode: bool = True) -> SSLModel:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @property
+    def ibot_head_name(self) -> str:
+        return "ibot_head" if self.config.ibot.separate_head else "dino_head"
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, Tensor]:
+        """Teacher outputs on the global crops, turned into soft targets."""
+        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True)
+        cls = out["x_norm_clstoken"].chunk(N_GLOBAL)
+        swapped = torch.cat([cls[1], cls[0]])  # student view i is matched with teacher view j != i
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+        cls_logits = self.teacher.dino_head(swapped)
+        patch_logits = getattr(self.teacher, self.ibot_head_name)(patches)
+        if self.config.train.centering == "softmax":
+            cls_targets = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+            patch_targets = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
+        else:
+            cls_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
+            patch_targets = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
+        return {
+            "cls_logits": cls_logits,
+            "patch_logits": patch_logits,
+            "cls_targets": cls_targets.chunk(N_GLOBAL),
+            "patch_targets": patch_targets,
+        }
+
+    def update_centers(self, targets: dict[str, Tensor]) -> None:
+        """Queue this step's center updates; called only once the step is known to be sane,
+        so a step skipped for a non-finite loss leaves the centers untouched."""
+        if self.config.train.centering == "softmax":
+            self.dino_loss.update_center(targets["cls_logits"])
+            self.ibot_loss.update_center(targets["patch_logits"])
+
+    def losses(
+        self, batch: dict[str, Any], targets: dict[str, Any]
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Every weighted loss term of the step (their sum is the training loss), and the
+        student's global [CLS] tokens for the collapse monitor."""
+        n_local = self.config.crops.local_crops_number
+        global_out, local_out = self.student.backbone(
+            [batch["collated_global_crops"], batch["collated_local_crops"]],
+            masks=[batch["collated_masks"], None],
+            is_training=True,
+        )
+        student_cls = global_out["x_norm_clstoken"]
+        patches = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+        local_cls = local_out["x_norm_clstoken"]
+        head_inputs = [local_cls, student_cls]
+        if not self.config.ibot.separate_head:
+            head_inputs.append(patches)
+        head_out = self.student.dino_head(torch.cat(head_inputs)).split(
+            [x.shape[0] for x in head_inputs]
+        )
+        local_logits, global_logits = head_out[0], head_out[1]
+        patch_logits = (
+            head_out[2] if not self.config.ibot.separate_head else self.student.ibot_head(patches)
+        )
+        n_terms = N_GLOBAL * (N_GLOBAL - 1) + N_GLOBAL * n_local
+        teacher_cls = targets["cls_targets"]
+        dino_w, koleo_w = self.config.dino.loss_weight, self.config.dino.koleo_loss_weight
+        terms = {
+            "dino_global": dino_w
+            * self.dino_loss([global_logits], [torch.cat(teacher_cls)])
+            * N_GLOBAL
+            / n_terms,
+            "koleo": koleo_w * sum(self.koleo_loss(c) for c in student_cls.chunk(N_GLOBAL)),
+            "ibot": self.config.ibot.loss_weight
+            * self.ibot_loss.forward_masked(
+                patch_logits,
+                targets["patch_targets"],
+                batch["collated_masks"],
+                masks_weight=batch["masks_weight"],
+            ),
+        }
+        if n_local:
+            local_loss = self.dino_loss(list(local_logits.chunk(n_local)), list(teacher_cls))
+            terms["dino_local"] = dino_w * local_loss / n_terms
+        return terms, student_cls.detach()
+
+    @torch.no_grad()
+    def monitor(self, batch_targets: dict[str, Any], student_cls: Tensor) -> dict[str, float]:
+        """Collapse indicators: entropy of the teacher's targets over log K (near 0: one
+        prototype wins; near 1: targets uniform) and the per-dimension spread of the
+        normalized student [CLS] times sqrt(dim) (about 1 when spread, 0 when collapsed)."""
+        targets = torch.cat(batch_targets["cls_targets"]).float()
+        entropy = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
+        unit = F.normalize(student_cls.float(), dim=-1)
+        return {
+            "teacher_entropy": float(entropy / math.log(targets.shape[-1])),
+            "student_cls_std": float(unit.std(0).mean() * unit.shape[-1] ** 0.5),
+        }
