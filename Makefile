@@ -17,6 +17,7 @@ $(STAMP): setup.py pyproject.toml
 
 quickstart: $(STAMP)
 	$(VENV)/bin/dinospec info configs/quickstart.yaml
+	$(PY) -m eval.quickstart configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -108,3 +108,27 @@ def test_missing_file_cycle_and_bad_override(tmp_path):
         load_config(tmp_path / "a.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["model.depth"])
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("dataset", ["in1k", "in22k"])
+@pytest.mark.parametrize("variant", ["", "_spec"])
+def test_training_recipes(size, dataset, variant):
+    cfg = load_config(CONFIGS / "train" / f"{size}_{dataset}{variant}.yaml")
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == SIZES[size]
+    assert (cfg.model.specialize.qkv_blocks == 0.3333) == (variant == "_spec")
+    assert cfg.crops.local_crops_size == 98 and cfg.crops.local_crops_number == 8
+    if dataset == "in1k":
+        assert (cfg.data.dataset, cfg.train.centering, cfg.optim.base_lr) == (
+            "imagenet",
+            "softmax",
+            0.004,
+        )
+        assert cfg.dino.head_n_prototypes == 65536 and not cfg.ibot.separate_head
+    else:
+        assert (cfg.data.dataset, cfg.train.centering, cfg.optim.epochs) == (
+            "folder",
+            "sinkhorn_knopp",
+            500,
+        )
+        assert cfg.dino.head_n_prototypes == 131072 and cfg.ibot.separate_head
