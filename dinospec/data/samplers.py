@@ -66,14 +66,20 @@ class InfiniteDistributedSampler(Sampler[int]):
         return self._start + self._drawn * self.world_size
 
     def __iter__(self) -> Iterator[int]:
+        for _, index in self.with_positions():
+            yield index
+
+    def with_positions(self) -> Iterator[tuple[int, int]]:
+        """(global position, dataset index) pairs: the position identifies a draw, so
+        per-sample randomness seeded by it is the same whoever draws it and whenever."""
         p = self._first_position()
         while True:
             pass_index, offset = divmod(p, self.dataset_size)
             order = pass_order(self.dataset_size, self.seed, pass_index, self.shuffle)
             mine = order[offset :: self.world_size].tolist()
-            for index in mine:
+            for k, index in enumerate(mine):
                 self._drawn += 1
-                yield index
+                yield p + k * self.world_size, index
             p += len(mine) * self.world_size
 
     def _first_position(self) -> int:

@@ -21,7 +21,7 @@ from dinospec.config import Config
 from dinospec.data.collate import masks_weight, stack_crops, stratified_mask_ratios
 from dinospec.data.datasets import ImageList, ImageNetFolder, ImageTree
 from dinospec.data.masking import MaskingGenerator
-from dinospec.data.samplers import pass_order
+from dinospec.data.samplers import InfiniteDistributedSampler
 from dinospec.data.synthetic import SyntheticScenes
 from dinospec.data.transforms import MultiCropAugmentation
 
@@ -48,32 +48,13 @@ def build_image_dataset(config: Config) -> Dataset:
 
 
 class PositionSampler(Sampler[tuple[int, int]]):
-    """This rank's (global position, dataset index) pairs from `start`, forever.
+    """DataLoader keys (global position, dataset index) of this rank's share of the stream."""
 
-    Global position p goes to rank p % world_size; pass k over the dataset is a
-    permutation seeded by (seed, k). The global stream does not depend on the world size.
-    """
-
-    def __init__(self, size: int, rank: int, world_size: int, seed: int, start: int) -> None:
-        if start % world_size:
-            raise ValueError(f"start position {start} is not a multiple of world size {world_size}")
-        self.size, self.rank, self.world_size, self.seed, self.start = (
-            size,
-            rank,
-            world_size,
-            seed,
-            start,
-        )
+    def __init__(self, stream: InfiniteDistributedSampler) -> None:
+        self.stream = stream
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        position = self.start + self.rank
-        cached_pass, order = -1, np.empty(0, dtype=np.int64)
-        while True:
-            pass_index, offset = divmod(position, self.size)
-            if pass_index != cached_pass:
-                cached_pass, order = pass_index, pass_order(self.size, self.seed, pass_index, True)
-            yield position, int(order[offset])
-            position += self.world_size
+        return self.stream.with_positions()
 
 
 class AugmentedImages(Dataset):
@@ -165,15 +146,15 @@ def build_loader(
     per_rank = config.train.batch_size_per_gpu
     global_batch = per_rank * world_size
     grid = crops.global_crops_size // config.model.patch_size
-    sampler = PositionSampler(
-        len(images), rank, world_size, config.train.seed, start_step * global_batch
+    stream = InfiniteDistributedSampler(
+        len(images), rank, world_size, config.train.seed, start_index=start_step * global_batch
     )
     workers = config.data.num_workers
     return iter(
         DataLoader(
             AugmentedImages(images, augmentation, config.train.seed),
             batch_size=per_rank,
-            sampler=sampler,
+            sampler=PositionSampler(stream),
             collate_fn=StepCollator(config, global_batch, grid * grid, grid),
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),

@@ -297,6 +297,11 @@ class Trainer:
             )
         if entropy is not None and entropy < 0.01:
             self._log(f"WARNING it {iteration}: teacher targets collapsed onto few prototypes")
+        if entropy is not None and entropy > 0.99:
+            self._log(
+                f"WARNING it {iteration}: teacher targets nearly uniform (normalized entropy "
+                f"{entropy:.4f}): the run is collapsing to a constant output"
+            )
 
 
 def _duration(seconds: float) -> str:
