@@ -95,6 +95,13 @@ def _restore(model: SSLModel, optimizer: torch.optim.Optimizer, state: dict) -> 
     set_optimizer_state_dict(model.student, optimizer, full)
 
 
+@dataclass
+class StepResult:
+    losses: dict[str, float]
+    monitor: dict[str, float]
+    nonfinite: list[str]
+
+
 class Trainer:
     """One training run; `run()` goes from the resume point to the configured end."""
 
@@ -162,11 +169,9 @@ class Trainer:
             for suffix in (".pth", ".safetensors"):
                 write_backbone(state, self.config.model, self.run_dir / f"teacher_backbone{suffix}")
 
-    def step(
-        self, batch: dict[str, Any], values: dict[str, float]
-    ) -> tuple[dict[str, float], dict]:
-        """One optimization step; returns the loss terms and the collapse indicators. A
-        non-finite term skips the update on every rank (the flag is reduced)."""
+    def step(self, batch: dict[str, Any], values: dict[str, float]) -> StepResult:
+        """One optimization step. A non-finite loss term skips the update on every rank
+        (the flag is reduced), before anything (weights, centers) has changed."""
         model = self.model
         device = self.info.device
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -177,11 +182,11 @@ class Trainer:
         )
         if dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        losses = {k: float(all_reduce_mean(v.detach().float())) for k, v in terms.items()}
         bad = [name for name, ok in zip(terms, finite.tolist(), strict=True) if not ok]
-        values_out = {k: float(all_reduce_mean(v.detach().float())) for k, v in terms.items()}
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
-            return values_out | {"nonfinite": bad}, {}
+            return StepResult(losses, {}, bad)
         model.update_centers(targets)
         self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
@@ -189,7 +194,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.optim.clip_grad)
         self.optimizer.step()
         ema_update(model.teacher, model.student, values["momentum"])
-        return values_out, model.monitor(targets, student_cls)
+        return StepResult(losses, model.monitor(targets, student_cls), [])
 
     def run(self) -> Path:
         start = self.resume()
@@ -219,15 +224,15 @@ class Trainer:
             data_time += time.perf_counter() - t0
             if batch["step"] != iteration:
                 raise RuntimeError(f"data stream at step {batch['step']}, training at {iteration}")
-            losses, monitor = self.step(batch, values)
+            result = self.step(batch, values)
             window_iters += 1
-            if "nonfinite" in losses:
-                self._handle_nonfinite(iteration, losses["nonfinite"], last_checkpoint)
+            if result.nonfinite:
+                self._handle_nonfinite(iteration, result.nonfinite, last_checkpoint)
                 continue
             done = iteration + 1
             if done % cfg.log_every == 0 or done == self.stop:
                 elapsed = time.perf_counter() - window_start
-                self._write_metrics(done, losses, values, monitor, elapsed, data_time, window_iters)
+                self._write_metrics(done, result, values, elapsed, data_time, window_iters)
                 window_start, data_time, window_iters = time.perf_counter(), 0.0, 0
             if done % cfg.checkpoint_every == 0 or done == self.stop:
                 last_checkpoint = self.checkpoint(done)
@@ -248,13 +253,13 @@ class Trainer:
     def _write_metrics(
         self,
         iteration: int,
-        losses: dict[str, float],
+        result: StepResult,
         values: dict[str, float],
-        monitor: dict[str, float],
         elapsed: float,
         data_time: float,
         iters: int,
     ) -> None:
+        losses, monitor = result.losses, result.monitor
         per_iter = elapsed / max(iters, 1)
         if self.info.device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated() / 2**20
