@@ -17,20 +17,24 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from dinospec.config import Config, load_config  # noqa: E402
-from dinospec.data.synthetic import SyntheticScenes  # noqa: E402
-from dinospec.models import build_backbone  # noqa: E402
-from dinospec.models.checkpoints import load_backbone  # noqa: E402
-from dinospec.train.loop import train  # noqa: E402
-from eval.seg_probe import SegProbeConfig, linear_probe_segmentation  # noqa: E402
+from dinospec.config import Config, load_config
+from dinospec.data.synthetic import SyntheticScenes
+from dinospec.data.transforms import normalize
+from dinospec.models import build_backbone
+from dinospec.models.checkpoints import load_backbone
+from dinospec.train.loop import train
+from eval.knn import knn_accuracy
+from eval.seg_probe import SegProbeConfig, linear_probe_segmentation
 
 PROBE_TRAIN_SEED, PROBE_VAL_SEED = 1001, 1002
 
 
-def probe_both(config: Config, run_dir: Path, probe: SegProbeConfig, n_train: int, n_val: int) -> dict:
+def probe_both(
+    config: Config, run_dir: Path, probe: SegProbeConfig, n_train: int, n_val: int
+) -> dict:
     """mIoU of the probe on the trained teacher backbone and on the initial weights
     (rebuilt from the training seed, so exactly the student the run started from).
     The probe images come from other seeds than the pretraining images."""
@@ -49,8 +53,26 @@ def probe_both(config: Config, run_dir: Path, probe: SegProbeConfig, n_train: in
                 backbone.eval(), train_set, val_set, train_set.num_classes, probe, device
             )
         )
+        | {"knn20_top1": knn_top1(backbone, config, n_train, n_val)}
         for name, backbone in backbones.items()
     }
+
+
+@torch.no_grad()
+def knn_top1(backbone: torch.nn.Module, config: Config, n_train: int, n_val: int) -> float:
+    """20-NN top-1 on the scenes' image-level labels from the [CLS] token: a second,
+    global view of what the backbone learned, beside the dense probe."""
+    size = config.data.synthetic_image_size
+
+    def features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scenes = SyntheticScenes(n, size, seed=seed, transform=normalize())
+        images = torch.stack([scenes[i][0] for i in range(n)])
+        labels = torch.tensor([scenes[i][2] for i in range(n)])
+        return torch.cat([backbone(chunk) for chunk in images.split(64)]), labels
+
+    train_f, train_l = features(n_train, PROBE_TRAIN_SEED)
+    val_f, val_l = features(n_val, PROBE_VAL_SEED)
+    return knn_accuracy(train_f, train_l, val_f, val_l, num_classes=8, ks=(20,))[20][1]
 
 
 def plot_training_curves(run_dir: Path) -> Path:
@@ -83,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = train(config)
     probe = SegProbeConfig(
-        iterations=args.probe_iterations, batch_size=16, warmup_iterations=args.probe_iterations // 10
+        iterations=args.probe_iterations,
+        batch_size=16,
+        warmup_iterations=args.probe_iterations // 10,
     )
     scores = probe_both(config, run_dir, probe, args.probe_train_images, args.probe_val_images)
     results = {"probe": asdict(probe), "scores": scores}
@@ -91,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     curves = plot_training_curves(run_dir)
     print("\nlinear segmentation probe on held-out synthetic scenes (9 classes incl. background)")
     for name, s in scores.items():
-        print(f"  {name:<12} mIoU {100 * s['miou']:5.1f}   pixel acc {100 * s['pixel_accuracy']:5.1f}")
+        print(
+            f"  {name:<12} mIoU {100 * s['miou']:5.1f}   pixel acc {100 * s['pixel_accuracy']:5.1f}"
+            f"   (20-NN top-1 on image labels, [CLS]: {100 * s['knn20_top1']:5.1f})"
+        )
     print(f"\ncheckpoints:     {run_dir / 'checkpoints'}")
     print(f"teacher export:  {run_dir / 'teacher_backbone.safetensors'} (and .pth)")
     print(f"metrics:         {run_dir / 'metrics.jsonl'}")
