@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dinospec.analysis.cli import register as register_analysis
 from dinospec.config import ConfigError, load_config
 
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.seed=1")
     train.set_defaults(func=_train)
+    register_analysis(commands)
     return parser
 
 
