@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
 from dinospec.analysis.cli import register as register_analysis
 from dinospec.config import ConfigError, load_config
+
+PLUGIN_GROUP = "dinospec.commands"
+"""Entry points of this group add subcommands: packages built on dinospec (eval) plug in
+their commands without dinospec importing them."""
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -40,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.seed=1")
     train.set_defaults(func=_train)
     register_analysis(commands)
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        plugin.load()(commands)
     return parser
 
 
