@@ -23,10 +23,14 @@ setup(
         "safetensors>=0.4",
         "pyyaml",
         "matplotlib>=3.7",
+        "tqdm",
     ],
     extras_require={
         "xformers": ["xformers"],
         "dev": ["pytest>=8", "ruff>=0.6", "torchmetrics>=1.0"],
     },
-    entry_points={"console_scripts": ["dinospec = dinospec.cli:main"]},
+    entry_points={
+        "console_scripts": ["dinospec = dinospec.cli:main"],
+        "dinospec.commands": ["eval = eval.cli:register"],
+    },
 )

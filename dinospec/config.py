@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -21,6 +21,9 @@ EXTENDS_KEY = "extends"
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 ATTN_BACKENDS = ("sdpa", "xformers")
 PREFIX_TOKENS = ("cls+registers", "cls")
+
+
+Schema = TypeVar("Schema")
 
 
 class ConfigError(ValueError):
@@ -201,7 +204,7 @@ def resolve_blocks(value: Any, depth: int) -> list[int]:
     )
 
 
-class _Provenance:
+class Provenance:
     """Remembers which source (file or command line) set each key last."""
 
     def __init__(self) -> None:
@@ -248,16 +251,19 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, DictConfi
     return sources
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Load a YAML config (with the files it extends) and apply `a.b=value` overrides."""
+def load_schema(
+    schema: type[Schema], path: str | Path | None, overrides: Sequence[str]
+) -> tuple[Schema, Provenance]:
+    """Any dataclass schema filled from a YAML file (and the files it extends) and
+    `a.b=value` overrides, with the provenance of every key for validation messages."""
     sources = _read_yaml(Path(path).resolve(), ()) if path is not None else []
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"command line: overrides must look like key=value, got {bad}")
         sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    merged = OmegaConf.structured(Config)
-    provenance = _Provenance()
+    merged = OmegaConf.structured(schema)
+    provenance = Provenance()
     for label, cfg in sources:
         try:
             merged = OmegaConf.merge(merged, cfg)
@@ -266,21 +272,26 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             reason = str(err.msg).splitlines()[0]
             raise ConfigError(f"{label}: {err.full_key}={value!r}: {reason}") from err
         provenance.add(label, cfg)
-    config: Config = OmegaConf.to_object(merged)
-    _validate(config, provenance)
+    return OmegaConf.to_object(merged), provenance
+
+
+def raise_problems(problems: list[tuple[str, Any, str]], provenance: Provenance, what: str) -> None:
+    """One error listing every problem with the source that set the key."""
+    if problems:
+        lines = [f"{provenance.source_of(k)}: {k}={v!r}: {p}" for k, v, p in problems]
+        raise ConfigError(f"invalid {what}:\n  " + "\n  ".join(lines))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (with the files it extends) and apply `a.b=value` overrides."""
+    config, provenance = load_schema(Config, path, overrides)
+    problems = [(f"model.{k}", v, p) for k, v, p in model_problems(config.model)]
+    raise_problems(problems + training_problems(config), provenance, "config")
     return config
 
 
 def config_to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-def _validate(config: Config, provenance: _Provenance) -> None:
-    problems = [(f"model.{k}", v, p) for k, v, p in model_problems(config.model)]
-    problems += training_problems(config)
-    if problems:
-        lines = [f"{provenance.source_of(k)}: {k}={v!r}: {p}" for k, v, p in problems]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 
 def model_problems(m: ModelConfig) -> list[tuple[str, Any, str]]:

@@ -1,0 +1,207 @@
+"""Configuration of evaluation jobs: dataclass schema, YAML files, `key=value` overrides.
+
+Evaluation configs load exactly like training configs (files may `extends:` each other,
+overrides come last) and fail the same way: an unknown key, a wrong type or a value that
+cannot work is reported with the file (or the command line) that set it, before a backbone
+is loaded or an image is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinospec.config import load_schema, raise_problems
+from eval.linear_cls import LR_GRID
+
+SEG_KINDS = ("ade20k", "camvid", "folder_pairs")
+CLS_KINDS = ("imagenet", "class_folders")
+DATASET_KINDS = SEG_KINDS + CLS_KINDS
+N_LAYERS = (1, 4)
+FOLDER_PAIR_KEYS = ("train_images", "train_labels", "val_images", "val_labels", "class_file")
+
+@dataclass
+class BackboneSource:
+    """`path`: a training run directory (its exported teacher), a `.pth` or a `.safetensors`.
+    `model_config`: a dinospec YAML whose `model` section describes the architecture, for
+    files that do not carry one; `num_heads` helps infer it from bare DINOv2 weights."""
+
+    path: str | None = None
+    model_config: str | None = None
+    num_heads: int | None = None
+
+
+@dataclass
+class DatasetSource:
+    """Where images come from. Segmentation: ade20k / camvid (`root` + splits) or
+    folder_pairs (explicit folders + `class_file`). Classification: imagenet or
+    class_folders, both `root/<split>/<class>/<image>`; `class_file` optionally names the
+    classes in sorted-folder order. The limits take an evenly spaced subset, for quick runs."""
+
+    kind: str = "camvid"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    train_images: str | None = None
+    train_labels: str | None = None
+    val_images: str | None = None
+    val_labels: str | None = None
+    class_file: str | None = None
+    first_class_value: int = 0
+    ignore_values: list[int] = field(default_factory=lambda: [255])
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+    train_per_class: int | None = None
+    val_per_class: int | None = None
+    num_workers: int = 2
+
+
+@dataclass
+class SegSettings:
+    """The linear segmentation protocol of SPEC section 5; defaults are the ADE20K recipe.
+
+    `cache_features` trains on features computed once from un-augmented centre crops
+    (affordable on a CPU); otherwise every iteration runs the backbone on an augmented crop.
+    """
+
+    iterations: int = 40_000
+    batch_size: int = 16
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-3
+    warmup_iterations: int = 1500
+    crop_size: int = 512
+    stride: int = 341
+    base_size: int = 512
+    n_layers: int = 1
+    multiscale: bool = False
+    flip: bool = False
+    cache_features: bool = False
+    num_visualized: int = 4
+
+
+@dataclass
+class ClsSettings:
+    """k-NN and linear classification (SPEC section 5) on features computed once."""
+
+    n_last_blocks: int = 1
+    avgpool: bool = False
+    image_size: int = 224
+    resize_size: int = 256
+    feature_batch_size: int = 64
+    knn: bool = True
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+    linear: bool = True
+    lrs: list[float] = field(default_factory=lambda: list(LR_GRID))
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    holdout_fraction: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    backbone: BackboneSource = field(default_factory=BackboneSource)
+    dataset: DatasetSource = field(default_factory=DatasetSource)
+    seg: SegSettings = field(default_factory=SegSettings)
+    cls: ClsSettings = field(default_factory=ClsSettings)
+    output_dir: str = "outputs/eval"
+    device: str = "cpu"
+    seed: int = 0
+
+
+def load_eval_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
+    """An evaluation config, validated; every problem is reported at once."""
+    config, provenance = load_schema(EvalConfig, path, overrides)
+    raise_problems(eval_problems(config), provenance, "evaluation config")
+    return config
+
+
+def eval_problems(c: EvalConfig) -> list[tuple[str, Any, str]]:
+    """Every impossible value, as (key, value, what is wrong)."""
+    out: list[tuple[str, Any, str]] = []
+    if not c.backbone.path:
+        out.append(
+            ("backbone.path", c.backbone.path, "is required (run dir, .pth or .safetensors)")
+        )
+    out += _dataset_problems(c.dataset)
+    out += _seg_problems(c.seg)
+    out += _cls_problems(c.cls)
+    try:
+        torch.device(c.device)
+    except RuntimeError as err:
+        out.append(("device", c.device, str(err).splitlines()[0]))
+    return out
+
+
+def _dataset_problems(d: DatasetSource) -> list[tuple[str, Any, str]]:
+    out: list[tuple[str, Any, str]] = []
+    if d.kind not in DATASET_KINDS:
+        out.append(("dataset.kind", d.kind, f"must be one of {list(DATASET_KINDS)}"))
+    if d.kind == "folder_pairs":
+        out += [
+            (f"dataset.{k}", None, "is required for kind 'folder_pairs'")
+            for k in FOLDER_PAIR_KEYS
+            if not getattr(d, k)
+        ]
+    elif d.kind in DATASET_KINDS and not d.root:
+        out.append(("dataset.root", d.root, f"is required for kind '{d.kind}'"))
+    if d.class_file and d.kind in ("ade20k", "camvid"):
+        out.append(("dataset.class_file", d.class_file, f"{d.kind} has built-in class names"))
+    limits = ("max_train_images", "max_val_images", "train_per_class", "val_per_class")
+    out += [
+        (f"dataset.{k}", getattr(d, k), "must be > 0 or null")
+        for k in limits
+        if getattr(d, k) is not None and getattr(d, k) <= 0
+    ]
+    if d.num_workers < 0:
+        out.append(("dataset.num_workers", d.num_workers, "must be >= 0"))
+    return out
+
+
+def _positive(section: str, obj: Any, keys: Sequence[str]) -> list[tuple[str, Any, str]]:
+    return [
+        (f"{section}.{k}", getattr(obj, k), "must be > 0") for k in keys if getattr(obj, k) <= 0
+    ]
+
+
+def _seg_problems(s: SegSettings) -> list[tuple[str, Any, str]]:
+    positive = ("iterations", "batch_size", "lr", "crop_size", "stride", "base_size")
+    out = _positive("seg", s, positive)
+    if s.n_layers not in N_LAYERS:
+        out.append(("seg.n_layers", s.n_layers, f"must be one of {list(N_LAYERS)}"))
+    if s.weight_decay < 0:
+        out.append(("seg.weight_decay", s.weight_decay, "must be >= 0"))
+    if not 0 <= s.warmup_iterations <= s.iterations:
+        out.append(
+            ("seg.warmup_iterations", s.warmup_iterations, f"must be in [0, {s.iterations}]")
+        )
+    if s.stride > s.crop_size:
+        out.append(("seg.stride", s.stride, f"exceeds crop_size={s.crop_size}: pixels uncovered"))
+    if s.num_visualized < 0:
+        out.append(("seg.num_visualized", s.num_visualized, "must be >= 0"))
+    return out
+
+
+def _cls_problems(s: ClsSettings) -> list[tuple[str, Any, str]]:
+    positive = ("image_size", "resize_size", "feature_batch_size", "temperature", "epochs")
+    out = _positive("cls", s, (*positive, "batch_size"))
+    if s.n_last_blocks not in N_LAYERS:
+        out.append(("cls.n_last_blocks", s.n_last_blocks, f"must be one of {list(N_LAYERS)}"))
+    if s.resize_size < s.image_size:
+        out.append(("cls.resize_size", s.resize_size, f"is below image_size={s.image_size}"))
+    if not s.ks or any(k <= 0 for k in s.ks):
+        out.append(("cls.ks", s.ks, "must be a non-empty list of positive integers"))
+    if not s.lrs or any(lr <= 0 for lr in s.lrs):
+        out.append(("cls.lrs", s.lrs, "must be a non-empty list of positive learning rates"))
+    if s.optimizer not in ("sgd", "adamw"):
+        out.append(("cls.optimizer", s.optimizer, "must be 'sgd' or 'adamw'"))
+    if not 0 < s.holdout_fraction < 1:
+        out.append(("cls.holdout_fraction", s.holdout_fraction, "must be in (0, 1)"))
+    if not (s.knn or s.linear):
+        out.append(("cls.knn", s.knn, "nothing to do: cls.knn and cls.linear are both false"))
+    return out

@@ -1,0 +1,309 @@
+"""`evaluate_segmentation`: the linear segmentation probe of SPEC section 5 as one job.
+
+Frozen backbone, BatchNorm + 1x1 conv head trained with AdamW (warm-up then cosine),
+sliding-window evaluation (optionally multi-scale and flipped) and mIoU over the whole
+validation set. The head trains either on augmented crops through the backbone at every
+iteration (the published protocol) or, with `seg.cache_features`, on features computed
+once from un-augmented centre crops, which is what makes a probe affordable on a CPU;
+results.json says which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dinospec.config import ConfigError
+from eval.config import SEG_KINDS, DatasetSource, EvalConfig, SegSettings
+from eval.metrics import IGNORE_INDEX, ConfusionMatrix, scores_from_confusion
+from eval.runner import (
+    Console,
+    json_safe,
+    load_frozen_backbone,
+    require_depth,
+    run_record,
+    seeded_generator,
+    write_results,
+)
+from eval.seg_data import SegmentationDataset, ade20k, camvid, folder_pairs
+from eval.seg_head import MS_SCALES, LinearSegmenter, predict_probabilities
+from eval.seg_probe import SegProbeConfig, _lr_factor, extract_features, train_head
+from eval.seg_transforms import (
+    SegTestTransform,
+    SegTrainTransform,
+    normalize,
+    pad_to,
+    rescaled_size,
+    resize_image,
+    resize_label,
+)
+
+IOU_PLOT = "per_class_iou.png"
+PREDICTIONS_PLOT = "predictions.png"
+HEAD_FILE = "linear_head.pt"
+PALETTE_SEED = 0
+Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def evenly_spaced(dataset: SegmentationDataset, limit: int | None) -> SegmentationDataset:
+    """At most `limit` pairs spread over the whole (sorted) set: the first n images of a
+    video dataset like CamVid would all come from one sequence."""
+    if limit is not None and limit < len(dataset.pairs):
+        step = len(dataset.pairs) / limit
+        dataset.pairs = [dataset.pairs[int(i * step)] for i in range(limit)]
+    return dataset
+
+
+def segmentation_datasets(d: DatasetSource) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """(train, val) without transforms; the job sets the transform of each phase."""
+    if d.kind == "ade20k":
+        train, val = ade20k(d.root, d.train_split), ade20k(d.root, d.val_split)
+    elif d.kind == "camvid":
+        train, val = camvid(d.root, d.train_split), camvid(d.root, d.val_split)
+    elif d.kind == "folder_pairs":
+        encoding = {
+            "first_class_value": d.first_class_value,
+            "ignore_values": tuple(d.ignore_values),
+        }
+        train = folder_pairs(d.train_images, d.train_labels, d.class_file, **encoding)
+        val = folder_pairs(d.val_images, d.val_labels, d.class_file, **encoding)
+    else:
+        raise ConfigError(f"dataset.kind={d.kind!r}: eval-seg needs one of {list(SEG_KINDS)}")
+    return evenly_spaced(train, d.max_train_images), evenly_spaced(val, d.max_val_images)
+
+
+class CenterCropTransform:
+    """The deterministic training view of cached features: test-time rescale, centre crop,
+    padding to the crop size, so every image yields features of one shape."""
+
+    def __init__(self, base_size: int, crop_size: int) -> None:
+        self.base_size = base_size
+        self.crop_size = crop_size
+
+    def __call__(
+        self, image: torch.Tensor, label: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        size = rescaled_size(*label.shape, self.base_size, self.base_size * 4)
+        image, label = resize_image(image, size), resize_label(label, size)
+        top = max(size[0] - self.crop_size, 0) // 2
+        left = max(size[1] - self.crop_size, 0) // 2
+        window = (slice(top, top + self.crop_size), slice(left, left + self.crop_size))
+        image, label = image[:, window[0], window[1]], label[window]
+        return pad_to(normalize(image), label, self.crop_size)
+
+
+def probe_config(s: SegSettings, seed: int) -> SegProbeConfig:
+    return SegProbeConfig(
+        iterations=s.iterations,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        warmup_iterations=s.warmup_iterations,
+        n_layers=s.n_layers,
+        seed=seed,
+    )
+
+
+def train_on_cached_features(
+    segmenter: LinearSegmenter,
+    train_set: SegmentationDataset,
+    config: EvalConfig,
+    console: Console,
+) -> dict[str, Any]:
+    s = config.seg
+    patch = segmenter.features.patch_size
+    if s.crop_size % patch:
+        raise ConfigError(
+            f"seg.crop_size={s.crop_size}: with seg.cache_features it must be a multiple of "
+            f"the patch size {patch}, so cached features and labels stay aligned"
+        )
+    train_set.transform = CenterCropTransform(s.base_size, s.crop_size)
+    console.phase(f"caching features of {len(train_set)} centre crops ({s.crop_size} px)")
+    backbone = segmenter.features.backbone
+    device = next(backbone.parameters()).device
+    features, labels = extract_features(backbone, train_set, s.n_layers, device, s.batch_size)
+    console.phase(f"training the head on cached features for {s.iterations} iterations")
+    head = train_head(features, labels, segmenter.num_classes, probe_config(s, config.seed))
+    segmenter.head = head.to(device)
+    return {"mode": "cached_features", "augmentation": "none (centre crop)"}
+
+
+def endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def train_augmented(
+    segmenter: LinearSegmenter,
+    train_set: SegmentationDataset,
+    config: EvalConfig,
+    console: Console,
+) -> dict[str, Any]:
+    """SPEC's recipe: every iteration a fresh random rescale (0.5-2.0), crop and flip."""
+    s = config.seg
+    device = next(segmenter.head.parameters()).device
+    train_set.transform = SegTrainTransform(s.base_size, s.crop_size)
+    loader = DataLoader(
+        train_set,
+        batch_size=min(s.batch_size, len(train_set)),
+        shuffle=True,
+        drop_last=True,
+        num_workers=config.dataset.num_workers,
+        generator=seeded_generator(config.seed),
+        persistent_workers=config.dataset.num_workers > 0,
+    )
+    optimizer = torch.optim.AdamW(segmenter.head.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    probe = probe_config(s, config.seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: _lr_factor(i, probe))
+    console.phase(f"training the head on augmented crops for {s.iterations} iterations")
+    segmenter.train()
+    batches = endless(loader)
+    loss = torch.zeros(())
+    for _ in console.progress(range(s.iterations), s.iterations, "train head"):
+        images, labels = next(batches)
+        logits = segmenter(images.to(device))
+        loss = F.cross_entropy(logits, labels.to(device), ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return {
+        "mode": "augmented",
+        "augmentation": "random rescale 0.5-2.0, crop, flip",
+        "final_loss": loss.item(),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    segmenter: LinearSegmenter, val_set: SegmentationDataset, config: EvalConfig, console: Console
+) -> tuple[torch.Tensor, list[Example]]:
+    """Confusion matrix over the whole val set, and the first few (image, label, pred)."""
+    s = config.seg
+    device = next(segmenter.head.parameters()).device
+    scales = MS_SCALES if s.multiscale else (1.0,)
+    transform = SegTestTransform(s.base_size)
+    confusion = ConfusionMatrix(segmenter.num_classes)
+    examples: list[Example] = []
+    segmenter.eval()
+    val_set.transform = None
+    views = f"{len(scales)} scale(s){' + flip' if s.flip else ''}"
+    console.phase(
+        f"evaluating {len(val_set)} images: sliding window {s.crop_size}/{s.stride}, {views}"
+    )
+    for index in console.progress(range(len(val_set)), len(val_set), "evaluate"):
+        raw, label = val_set[index]
+        image, label = transform(raw, label)
+        probs = predict_probabilities(
+            segmenter, image[None].to(device), label.shape, s.crop_size, s.stride, scales, s.flip
+        )
+        pred = probs.argmax(1)[0].cpu()
+        confusion.update(pred, label)
+        if len(examples) < s.num_visualized:
+            examples.append((raw, label, pred))
+    return confusion.total(), examples
+
+
+def palette(num_classes: int) -> torch.Tensor:
+    """Fixed random colours per class (uint8), black last for ignored pixels."""
+    colours = torch.randint(
+        40, 256, (num_classes, 3), generator=torch.Generator().manual_seed(PALETTE_SEED)
+    )
+    return torch.cat([colours, torch.zeros(1, 3, dtype=colours.dtype)]).to(torch.uint8)
+
+
+def colourize(label: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    ignored = len(colours) - 1
+    return colours[torch.where(label == IGNORE_INDEX, ignored, label)]
+
+
+def plot_class_iou(names: list[str], iou: list[float], path: Path) -> None:
+    """NaN (class absent from labels and predictions) is drawn as an empty, marked slot."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(names)), 4))
+    values = [0.0 if v != v else 100 * v for v in iou]
+    ax.bar(range(len(names)), values, color="tab:blue")
+    for i, v in enumerate(iou):
+        if v != v:
+            ax.text(i, 1, "n/a", ha="center", rotation=90, fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set(ylabel="IoU (%)", ylim=(0, 100), title="Per-class IoU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_predictions(examples: list[Example], num_classes: int, path: Path) -> None:
+    colours = palette(num_classes)
+    fig, axes = plt.subplots(len(examples), 3, figsize=(9, 2.6 * len(examples)), squeeze=False)
+    for row, (image, label, pred) in zip(axes, examples, strict=True):
+        panels = (image.permute(1, 2, 0), colourize(label, colours), colourize(pred, colours))
+        for ax, panel, title in zip(
+            row, panels, ("image", "ground truth", "prediction"), strict=True
+        ):
+            ax.imshow(panel.numpy())
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_segmentation(config: EvalConfig) -> dict[str, Any]:
+    """Train and score a linear probe; writes results.json, the per-class IoU chart, a grid
+    of predictions and the head into `config.output_dir`, and returns the results."""
+    console = Console("eval-seg")
+    device = torch.device(config.device)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    seeded_generator(config.seed)
+    backbone, checkpoint = load_frozen_backbone(config.backbone, device)
+    console.phase(
+        f"backbone {checkpoint} ({sum(p.numel() for p in backbone.parameters()):,} params)"
+    )
+    require_depth(backbone, "seg.n_layers", config.seg.n_layers)
+    train_set, val_set = segmentation_datasets(config.dataset)
+    num_classes = train_set.num_classes
+    console.phase(
+        f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes"
+    )
+    segmenter = LinearSegmenter(backbone, num_classes, config.seg.n_layers).to(device)
+    train = train_on_cached_features if config.seg.cache_features else train_augmented
+    training = train(segmenter, train_set, config, console)
+    matrix, examples = evaluate(segmenter, val_set, config, console)
+    scores = scores_from_confusion(matrix)
+    names = train_set.class_names
+    results = {
+        "task": "segmentation",
+        "metrics": {
+            "miou": scores.miou,
+            "pixel_accuracy": scores.pixel_accuracy,
+            "mean_accuracy": scores.mean_accuracy,
+        },
+        "per_class": [
+            {"name": name, "iou": iou, "accuracy": acc}
+            for name, iou, acc in zip(names, scores.iou, scores.class_accuracy, strict=True)
+        ],
+        "confusion_matrix": matrix.tolist(),
+        "training": training,
+        "num_train_images": len(train_set),
+        "num_val_images": len(val_set),
+        **run_record(config, checkpoint),
+    }
+    torch.save(segmenter.head.state_dict(), output_dir / HEAD_FILE)
+    plot_class_iou(names, scores.iou, output_dir / IOU_PLOT)
+    if examples:
+        plot_predictions(examples, num_classes, output_dir / PREDICTIONS_PLOT)
+    path = write_results(output_dir, results)
+    console.phase(
+        f"mIoU {100 * scores.miou:.2f}  pixel acc {100 * scores.pixel_accuracy:.2f}  -> {path}"
+    )
+    return json_safe(results)
