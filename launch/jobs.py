@@ -1,0 +1,105 @@
+"""Job types the launchers know. A job type turns a config file and overrides into a
+validated config and a picklable callable; the launchers do the rest (run directory,
+resources, submission). A new job type (e.g. evaluation) is one more entry in JOB_TYPES."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from dinospec.config import Config, config_to_yaml, load_config
+from dinospec.train.checkpoint import list_checkpoints
+
+
+class JobType(Protocol):
+    """What a launcher needs to know about one kind of job."""
+
+    name: str
+    description: str
+
+    def load(self, config_path: str, overrides: Sequence[str], output_dir: str | None) -> Any:
+        """The fully validated config, with every path made absolute on the submitting host."""
+        ...
+
+    def problems(self, config: Any) -> list[str]:
+        """Why the job cannot run (missing inputs), checked before anything is submitted."""
+        ...
+
+    def output_dir(self, config: Any) -> Path: ...
+
+    def config_text(self, config: Any) -> str:
+        """The resolved config as written into the run directory."""
+        ...
+
+    def progress(self, output_dir: Path) -> str | None:
+        """Where a resubmitted job will pick up, or None if there is nothing to resume."""
+        ...
+
+    def job(self, config: Any, preemptible: bool) -> Callable[[], Any]:
+        """The picklable callable every task runs; a preemptible one checkpoints on SLURM's
+        signals (only under SLURM: elsewhere a signal may mean a peer process is gone)."""
+        ...
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def data_path_problems(config: Config) -> list[str]:
+    """What is wrong with the dataset location, without listing the whole dataset (a login
+    node must answer in seconds even for ImageNet-22k on network storage)."""
+    data = config.data
+    if data.dataset == "synthetic":
+        return []
+    path = Path(data.path)
+    if data.dataset == "list":
+        if not path.is_file():
+            return [f"data.path={data.path}: image list file not found"]
+        return []
+    root = path / "train" if data.dataset == "imagenet" else path
+    if not root.is_dir():
+        return [f"data.path={data.path}: {root} is not a directory"]
+    if next(root.iterdir(), None) is None:
+        return [f"data.path={data.path}: {root} is empty"]
+    return []
+
+
+class TrainJobType:
+    """Self-supervised pretraining (`dinospec.train.loop`), preemptible and resumable."""
+
+    name = "train"
+    description = "self-supervised pretraining; resumes from the newest checkpoint"
+
+    def load(self, config_path: str, overrides: Sequence[str], output_dir: str | None) -> Config:
+        extra = [f"train.output_dir={output_dir}"] if output_dir else []
+        config = load_config(config_path, [*overrides, *extra])
+        data = config.data
+        if data.path:
+            data = dataclasses.replace(data, path=_absolute(data.path))
+        train = dataclasses.replace(config.train, output_dir=_absolute(config.train.output_dir))
+        return dataclasses.replace(config, data=data, train=train)
+
+    def problems(self, config: Config) -> list[str]:
+        return data_path_problems(config)
+
+    def output_dir(self, config: Config) -> Path:
+        return Path(config.train.output_dir)
+
+    def config_text(self, config: Config) -> str:
+        return config_to_yaml(config)
+
+    def progress(self, output_dir: Path) -> str | None:
+        found = list_checkpoints(output_dir / "checkpoints")
+        if not found:
+            return None
+        return f"the newest checkpoint, {found[-1].name} (older ones are fallbacks)"
+
+    def job(self, config: Config, preemptible: bool) -> Callable[[], Any]:
+        from launch.train_job import TrainJob
+
+        return TrainJob(config, handle_signals=preemptible)
+
+
+JOB_TYPES: dict[str, JobType] = {job.name: job for job in (TrainJobType(),)}

@@ -1,0 +1,172 @@
+"""Submit a job to SLURM through submitit:
+
+    python -m launch.submit train CONFIG [key=value ...] --nodes 2 --gpus-per-node 8 \\
+        --partition P [--account A --qos Q --constraint C --timeout MIN --mem GB ...]
+
+One task per GPU (`--tasks-per-node` on CPU-only partitions); the tasks form the process
+group from SLURM's variables. The config is validated and its inputs are checked here,
+before anything reaches sbatch. The run directory gets the resolved config, the submitit
+logs (`submitit/`) and `job.json`; submitting again into it resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from launch.cli import LaunchError, job_parser, load_checked, split_job_type
+from launch.jobs import JobType
+from launch.rundir import LOG_DIR, read_job_file, record_submission, resume_message, write_config
+
+PROG = "python -m launch.submit"
+SLURM_OPTIONS = ("partition", "account", "qos", "constraint", "exclude", "comment")
+
+
+def build_parser(job: JobType) -> argparse.ArgumentParser:
+    parser = job_parser(PROG, job)
+    resources = parser.add_argument_group("resources")
+    resources.add_argument("--nodes", type=int, default=1)
+    resources.add_argument(
+        "--gpus-per-node", type=int, default=0, help="one task per GPU; 0 for CPU-only jobs"
+    )
+    resources.add_argument(
+        "--tasks-per-node", type=int, help="tasks per node without GPUs (default 1)"
+    )
+    resources.add_argument("--cpus-per-task", type=int, help="CPU cores per task")
+    resources.add_argument("--mem", type=float, help="memory per node in GB")
+    resources.add_argument(
+        "--timeout", type=int, default=60 * 24, help="time limit in minutes (default 1440)"
+    )
+    slurm = parser.add_argument_group("SLURM")
+    for name in SLURM_OPTIONS:
+        slurm.add_argument(f"--{name}")
+    slurm.add_argument("--job-name", help="default: dinospec-<job type>")
+    slurm.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        help="seconds between SIGUSR2 and the time limit: the grace time to checkpoint",
+    )
+    slurm.add_argument(
+        "--max-timeouts", type=int, default=100, help="requeues on time-out before giving up"
+    )
+    return parser
+
+
+def tasks_per_node(args: argparse.Namespace) -> int:
+    """One task per GPU, or `--tasks-per-node` on CPU nodes."""
+    if args.nodes < 1:
+        raise LaunchError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.gpus_per_node < 0:
+        raise LaunchError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
+    if args.gpus_per_node == 0:
+        tasks = 1 if args.tasks_per_node is None else args.tasks_per_node
+        if tasks < 1:
+            raise LaunchError(f"--tasks-per-node must be >= 1, got {tasks}")
+        return tasks
+    if args.tasks_per_node not in (None, args.gpus_per_node):
+        raise LaunchError(
+            f"--tasks-per-node={args.tasks_per_node} with --gpus-per-node={args.gpus_per_node}:"
+            " jobs run one task per GPU"
+        )
+    return args.gpus_per_node
+
+
+def executor_parameters(job: JobType, args: argparse.Namespace) -> dict[str, Any]:
+    """submitit AutoExecutor parameters. `--kill-on-bad-exit` ends every task when one fails
+    instead of leaving the others blocked in a collective."""
+    params: dict[str, Any] = {
+        "name": args.job_name or f"dinospec-{job.name}",
+        "nodes": args.nodes,
+        "tasks_per_node": tasks_per_node(args),
+        "timeout_min": args.timeout,
+        "slurm_signal_delay_s": args.signal_delay,
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
+        "slurm_additional_parameters": {"requeue": True},
+    }
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    if args.cpus_per_task is not None:
+        params["cpus_per_task"] = args.cpus_per_task
+    if args.mem is not None:
+        params["mem_gb"] = args.mem
+    for name in SLURM_OPTIONS:
+        if getattr(args, name) is not None:
+            params[f"slurm_{name}"] = getattr(args, name)
+    return params
+
+
+def active_jobs(job_ids: Sequence[str]) -> list[str]:
+    """Which of these jobs SLURM still has queued or running."""
+    if not job_ids:
+        return []
+    listed = subprocess.run(
+        ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return [job_id for job_id in job_ids if job_id in listed]
+
+
+def make_executor(folder: Path, parameters: dict[str, Any], max_timeouts: int) -> Any:
+    """A SLURM executor; never submitit's silent fallback to running on this machine."""
+    import submitit
+
+    if shutil.which("sbatch") is None:
+        raise LaunchError(
+            "sbatch not found: this machine cannot submit to SLURM "
+            "(run the job here with `python -m launch.local`)"
+        )
+    executor = submitit.AutoExecutor(
+        folder=folder, cluster="slurm", slurm_max_num_timeout=max_timeouts
+    )
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def submit(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """Validate, prepare the run directory, submit; returns the job id."""
+    config = load_checked(job, args)
+    parameters = executor_parameters(job, args)
+    output_dir = job.output_dir(config)
+    running = active_jobs(read_job_file(output_dir)["job_ids"]) if shutil.which("squeue") else []
+    if running:
+        raise LaunchError(
+            f"job(s) {', '.join(running)} still queued or running in {output_dir}; "
+            "two jobs must not train into one directory (scancel it, or wait)"
+        )
+    executor = make_executor(output_dir / LOG_DIR, parameters, args.max_timeouts)
+    print(resume_message(output_dir, job.progress(output_dir)), flush=True)
+    write_config(output_dir, job.config_text(config))
+    submitted = executor.submit(job.job(config, preemptible=True))
+    record_submission(
+        output_dir,
+        job.name,
+        {"job_id": submitted.job_id, "command": [PROG, *argv], "executor": parameters},
+    )
+    logs = output_dir / LOG_DIR / f"{submitted.job_id}_0_log.out"
+    print(
+        f"submitted job {submitted.job_id} ({args.nodes} node(s) x {parameters['tasks_per_node']}"
+        f" task(s)); rank 0 log: {logs}",
+        flush=True,
+    )
+    return submitted.job_id
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job, rest = split_job_type(argv, PROG)
+    args = build_parser(job).parse_intermixed_args(rest)
+    try:
+        submit(job, args, argv)
+    except LaunchError as err:
+        print(f"{PROG}: error: {err}\nnothing was submitted", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

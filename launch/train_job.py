@@ -1,0 +1,71 @@
+"""The pretraining job as submitit runs it on every task, and as `launch.local` runs it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+import torch
+
+from dinospec.config import Config
+from launch.preemption import REQUEUE, Interrupted, PreemptibleTrainer, StopRequest
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def use_slurm_environment() -> None:
+    """Under SLURM the process group comes from SLURM's variables (rank, world size, first
+    host of the node list, a port derived from the job id); torchrun variables exported from
+    the submitting shell would describe another job, so they are dropped."""
+    for name in TORCHRUN_VARIABLES:
+        os.environ.pop(name, None)
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and not torch.cuda.is_available():
+        torch.set_num_threads(int(cpus))
+
+
+class TrainJob:
+    """Picklable pretraining job. submitit calls `checkpoint()` on preemption or time-out and
+    requeues what it returns: the same job, which resumes from the run directory's newest
+    checkpoint (written at the signal by `PreemptibleTrainer`)."""
+
+    def __init__(self, config: Config, handle_signals: bool = True) -> None:
+        self.config = config
+        self.handle_signals = handle_signals
+
+    def __call__(self) -> dict[str, Any]:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if "SLURM_PROCID" in os.environ:
+            use_slurm_environment()
+        stop = StopRequest()
+        if self.handle_signals:
+            stop.install()
+        trainer = PreemptibleTrainer(self.config, stop)
+        try:
+            run_dir = trainer.run()
+        except Interrupted as interrupted:
+            return self._interrupted(trainer, stop, interrupted)
+        return {"status": "finished", "run_dir": str(run_dir), "iteration": trainer.stop}
+
+    def _interrupted(
+        self, trainer: PreemptibleTrainer, stop: StopRequest, interrupted: Interrupted
+    ) -> dict[str, Any]:
+        """Rank 0 hands a requeue request to submitit's handler (which requeues and exits);
+        the other ranks return quietly so that no failed task cancels the step first."""
+        requeue = interrupted.action == REQUEUE
+        if trainer.info.is_main:
+            what = "requeueing" if requeue else "stopping"
+            print(
+                f"signal received: checkpoint at iteration {interrupted.iteration} written, {what}",
+                flush=True,
+            )
+            if requeue:
+                stop.chain(signal.SIGUSR2)
+        return {"status": "interrupted", "iteration": interrupted.iteration}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.handle_signals))
