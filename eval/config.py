@@ -24,6 +24,7 @@ DATASET_KINDS = SEG_KINDS + CLS_KINDS
 N_LAYERS = (1, 4)
 FOLDER_PAIR_KEYS = ("train_images", "train_labels", "val_images", "val_labels", "class_file")
 
+
 @dataclass
 class BackboneSource:
     """`path`: a training run directory (its exported teacher), a `.pth` or a `.safetensors`.
