@@ -18,6 +18,7 @@ class JobType(Protocol):
 
     name: str
     description: str
+    single_task: bool
 
     def load(self, config_path: str, overrides: Sequence[str], output_dir: str | None) -> Any:
         """The fully validated config, with every path made absolute on the submitting host."""
@@ -71,6 +72,7 @@ class TrainJobType:
 
     name = "train"
     description = "self-supervised pretraining; resumes from the newest checkpoint"
+    single_task = False
 
     def load(self, config_path: str, overrides: Sequence[str], output_dir: str | None) -> Config:
         extra = [f"train.output_dir={output_dir}"] if output_dir else []
@@ -102,4 +104,61 @@ class TrainJobType:
         return TrainJob(config, handle_signals=preemptible)
 
 
-JOB_TYPES: dict[str, JobType] = {job.name: job for job in (TrainJobType(),)}
+class EvalJobType:
+    """Evaluation of a frozen backbone (`eval.run_seg` / `eval.run_cls`), one process."""
+
+    single_task = True
+
+    def __init__(self, kind: str, description: str) -> None:
+        self.kind = kind
+        self.name = f"eval-{kind}"
+        self.description = description
+
+    def load(self, config_path: str, overrides: Sequence[str], output_dir: str | None) -> Any:
+        from eval.config import load_eval_config
+
+        extra = [f"output_dir={output_dir}"] if output_dir else []
+        config = load_eval_config(config_path, [*overrides, *extra])
+        backbone = config.backbone
+        if backbone.path:
+            backbone = dataclasses.replace(backbone, path=_absolute(backbone.path))
+        dataset = config.dataset
+        if dataset.root:
+            dataset = dataclasses.replace(dataset, root=_absolute(dataset.root))
+        return dataclasses.replace(
+            config, backbone=backbone, dataset=dataset, output_dir=_absolute(config.output_dir)
+        )
+
+    def problems(self, config: Any) -> list[str]:
+        found = []
+        if not Path(config.backbone.path).exists():
+            found.append(f"backbone.path={config.backbone.path}: not found")
+        if config.dataset.root and not Path(config.dataset.root).is_dir():
+            found.append(f"dataset.root={config.dataset.root}: not a directory")
+        return found
+
+    def output_dir(self, config: Any) -> Path:
+        return Path(config.output_dir)
+
+    def config_text(self, config: Any) -> str:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+    def progress(self, output_dir: Path) -> str | None:
+        return None
+
+    def job(self, config: Any, preemptible: bool) -> Callable[[], Any]:
+        from launch.eval_job import EvalJob
+
+        return EvalJob(config, self.kind)
+
+
+JOB_TYPES: dict[str, JobType] = {
+    job.name: job
+    for job in (
+        TrainJobType(),
+        EvalJobType("seg", "linear segmentation probe of a frozen backbone"),
+        EvalJobType("cls", "k-NN and linear classification of a frozen backbone"),
+    )
+}

@@ -12,6 +12,8 @@ logs (`submitit/`) and `job.json`; submitting again into it resumes the run.
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 import shutil
 import subprocess
 import sys
@@ -55,11 +57,28 @@ def build_parser(job: JobType) -> argparse.ArgumentParser:
     slurm.add_argument(
         "--max-timeouts", type=int, default=100, help="requeues on time-out before giving up"
     )
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="submit one job per combination of the values (a grid) as one job array; "
+        "each job runs in <output dir>/<key-value_...>",
+    )
     return parser
 
 
-def tasks_per_node(args: argparse.Namespace) -> int:
+def tasks_per_node(job: JobType, args: argparse.Namespace) -> int:
     """One task per GPU, or `--tasks-per-node` on CPU nodes."""
+    tasks = _tasks_per_node(args)
+    if job.single_task and args.nodes * tasks > 1:
+        raise LaunchError(
+            f"{job.name} runs as one process; got {args.nodes} node(s) x {tasks} task(s)"
+        )
+    return tasks
+
+
+def _tasks_per_node(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise LaunchError(f"--nodes must be >= 1, got {args.nodes}")
     if args.gpus_per_node < 0:
@@ -83,7 +102,7 @@ def executor_parameters(job: JobType, args: argparse.Namespace) -> dict[str, Any
     params: dict[str, Any] = {
         "name": args.job_name or f"dinospec-{job.name}",
         "nodes": args.nodes,
-        "tasks_per_node": tasks_per_node(args),
+        "tasks_per_node": tasks_per_node(job, args),
         "timeout_min": args.timeout,
         "slurm_signal_delay_s": args.signal_delay,
         "slurm_srun_args": ["--kill-on-bad-exit=1"],
@@ -156,12 +175,85 @@ def submit(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> str:
     return submitted.job_id
 
 
+def sweep_points(specs: Sequence[str]) -> list[list[str]]:
+    """Every combination of `KEY=V1,V2,...` specs, as override lists."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or not key or not values:
+            raise LaunchError(f"--sweep {spec!r}: expected KEY=V1,V2,...")
+        axes.append([f"{key}={value}" for value in values.split(",")])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def point_name(point: Sequence[str]) -> str:
+    """A directory name for one sweep point, e.g. `optim.base_lr-0.001_train.seed-1`."""
+    name = "_".join(override.replace("=", "-") for override in point)
+    return re.sub(r"[^A-Za-z0-9._+-]", "", name)
+
+
+def submit_sweep(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
+    """Validate every point first, then submit all of them as one job array."""
+    base = job.output_dir(load_checked(job, args))
+    points = sweep_points(args.sweep)
+    configs = [
+        load_checked(
+            job,
+            argparse.Namespace(
+                **{
+                    **vars(args),
+                    "overrides": [*args.overrides, *point],
+                    "output_dir": str(base / point_name(point)),
+                }
+            ),
+        )
+        for point in points
+    ]
+    parameters = executor_parameters(job, args)
+    busy = (
+        [
+            job_id
+            for config in configs
+            for job_id in active_jobs(read_job_file(job.output_dir(config))["job_ids"])
+        ]
+        if shutil.which("squeue")
+        else []
+    )
+    if busy:
+        raise LaunchError(f"job(s) {', '.join(busy)} still queued or running in this sweep")
+    executor = make_executor(base / LOG_DIR, parameters, args.max_timeouts)
+    for config in configs:
+        write_config(job.output_dir(config), job.config_text(config))
+    with executor.batch():
+        submitted = [executor.submit(job.job(config, preemptible=True)) for config in configs]
+    for config, point, handle in zip(configs, points, submitted, strict=True):
+        record_submission(
+            job.output_dir(config),
+            job.name,
+            {
+                "job_id": handle.job_id,
+                "sweep": point,
+                "command": [PROG, *argv],
+                "executor": parameters,
+            },
+        )
+    print(
+        f"submitted a job array of {len(submitted)} job(s) under {base}: "
+        + ", ".join(h.job_id for h in submitted),
+        flush=True,
+    )
+    return [h.job_id for h in submitted]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     job, rest = split_job_type(argv, PROG)
     args = build_parser(job).parse_intermixed_args(rest)
     try:
-        submit(job, args, argv)
+        if args.sweep:
+            submit_sweep(job, args, argv)
+        else:
+            submit(job, args, argv)
     except LaunchError as err:
         print(f"{PROG}: error: {err}\nnothing was submitted", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """The launchers without a cluster: argument parsing, checks before submission, job.json,
 resume detection, the checkpoint taken at a signal, and `launch.local` with two processes."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -52,6 +53,9 @@ class FakeExecutor:
         self.submitted.append(function)
         return FakeJob(self.job_ids[len(self.submitted) - 1])
 
+    def batch(self):
+        return contextlib.nullcontext()
+
 
 @pytest.fixture
 def fake_slurm(monkeypatch):
@@ -82,11 +86,12 @@ def test_job_type_comes_first_and_unknown_ones_are_named(capsys):
     with pytest.raises(SystemExit) as exit_info:
         split_job_type(["eval", "c.yaml"], submit.PROG)
     assert exit_info.value.code == 2
-    assert "unknown job type 'eval' (known: train)" in capsys.readouterr().err
+    assert "unknown job type 'eval' (known: train, eval-seg, eval-cls)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         split_job_type(["--help"], submit.PROG)
     assert exit_info.value.code == 0
-    assert "train" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert all(name in help_text for name in ("train", "eval-seg", "eval-cls"))
 
 
 def test_overrides_and_options_may_be_intermixed():
@@ -296,3 +301,55 @@ def test_local_two_processes_match_one_with_the_same_global_batch(tmp_path):
         for key in ("loss_dino_global", "loss_dino_local", "loss_ibot"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["iteration"], key)
     assert read_job_file(two)["submissions"][0]["nproc"] == 2
+
+
+def test_sweep_points_are_the_grid_of_all_values():
+    points = submit.sweep_points(["optim.base_lr=0.001,0.002", "train.seed=1,2"])
+    assert points == [
+        ["optim.base_lr=0.001", "train.seed=1"],
+        ["optim.base_lr=0.001", "train.seed=2"],
+        ["optim.base_lr=0.002", "train.seed=1"],
+        ["optim.base_lr=0.002", "train.seed=2"],
+    ]
+    assert submit.point_name(points[1]) == "optim.base_lr-0.001_train.seed-2"
+    assert submit.point_name(["data.path=/a b/c"]) == "data.path-abc"
+    with pytest.raises(LaunchError, match="KEY=V1,V2"):
+        submit.sweep_points(["train.seed"])
+
+
+def test_sweep_validates_every_point_then_submits_one_array(tmp_path, capsys, fake_slurm):
+    config = write_tiny_yaml(tmp_path / "c.yaml", tmp_path / "sweep")
+    argv = ["train", str(config), "--sweep", "train.seed=1,2"]
+    assert submit.main(argv) == 0
+    assert [job.config.train.seed for job in fake_slurm.submitted] == [1, 2]
+    for seed, job_id in ((1, "41"), (2, "42")):
+        run = tmp_path / "sweep" / f"train.seed-{seed}"
+        assert f"seed: {seed}" in (run / "config.yaml").read_text()
+        assert read_job_file(run)["job_ids"] == [job_id]
+    assert "job array of 2 job(s)" in capsys.readouterr().out
+
+
+def test_a_bad_sweep_point_submits_nothing(tmp_path, capsys, no_submission):
+    config = write_tiny_yaml(tmp_path / "c.yaml", tmp_path / "sweep")
+    assert submit.main(["train", str(config), "--sweep", "model.depth=2,two"]) == 2
+    assert "model.depth='two'" in capsys.readouterr().err
+    assert not (tmp_path / "sweep" / "model.depth-2").exists()
+
+
+def test_eval_jobs_run_as_one_process_with_absolute_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.pth").write_bytes(b"")
+    evaluation = JOB_TYPES["eval-seg"]
+    config = evaluation.load(
+        str(Path(__file__).resolve().parents[1] / "configs" / "eval" / "camvid_linear.yaml"),
+        ["backbone.path=weights.pth", "dataset.root=missing"],
+        "out",
+    )
+    assert config.backbone.path == str(tmp_path / "weights.pth")
+    assert config.output_dir == str(tmp_path / "out")
+    assert evaluation.problems(config) == [f"dataset.root={tmp_path / 'missing'}: not a directory"]
+    _, args = parse_submit("eval-seg", "c.yaml", "--tasks-per-node", "2")
+    with pytest.raises(LaunchError, match="runs as one process"):
+        submit.tasks_per_node(evaluation, args)
+    _, args = parse_submit("eval-seg", "c.yaml")
+    assert submit.tasks_per_node(evaluation, args) == 1

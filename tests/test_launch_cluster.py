@@ -242,3 +242,62 @@ def test_bad_config_and_missing_paths_never_reach_sbatch(cluster, tmp_path):
         assert expected in result.stderr and "nothing was submitted" in result.stderr
     assert not (tmp_path / "run").exists()
     assert known_job_ids() == before
+
+
+def submit_job(job_type: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "launch.submit", job_type, *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+
+
+def test_eval_job_on_the_trained_checkpoint(jobs, uninterrupted, tmp_path):
+    out = tmp_path / "eval"
+    result = submit_job(
+        "eval-cls",
+        str(REPO / "configs" / "eval" / "imagenette_knn_linear.yaml"),
+        f"backbone.path={uninterrupted}",
+        f"dataset.root={REPO.parent / 'shared' / 'data' / 'imagenette'}",
+        "dataset.train_per_class=3",
+        "dataset.val_per_class=2",
+        "dataset.num_workers=0",
+        "cls.ks=[5,10]",
+        "cls.image_size=32",
+        "cls.resize_size=32",
+        "cls.epochs=5",
+        f"output_dir={out}",
+        "--timeout",
+        "30",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [job_id] = read_job_ids(out)
+    jobs.ids.append(job_id)
+    fields = wait_until_done(job_id)
+    assert fields["JobState"] == "COMPLETED", rank0_log(out, job_id)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["knn"]) == {"5", "10"} and 0 <= results["linear"]["top1"] <= 1
+    too_many = submit_job(
+        "eval-seg",
+        str(REPO / "configs" / "eval" / "camvid_linear.yaml"),
+        f"backbone.path={uninterrupted}",
+        f"dataset.root={REPO.parent / 'shared' / 'data' / 'camvid'}",
+        "--tasks-per-node",
+        "2",
+    )
+    assert too_many.returncode == 2 and "runs as one process" in too_many.stderr
+
+
+def test_sweep_is_one_job_array_with_a_run_directory_per_point(jobs, tmp_path):
+    base = tmp_path / "sweep"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(config_to_yaml(tiny_config(base, *OVERRIDES, "train.max_iterations=2")))
+    result = submit_job("train", str(config), "--sweep", "train.seed=1,2", "--timeout", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = [base / "train.seed-1", base / "train.seed-2"]
+    ids = [read_job_ids(run)[-1] for run in runs]
+    jobs.ids.extend(ids)
+    assert len({i.split("_")[0] for i in ids}) == 1 and all("_" in i for i in ids)
+    for run, job_id in zip(runs, ids, strict=True):
+        assert wait_until_done(job_id)["JobState"] == "COMPLETED", rank0_log(base, job_id)
+        assert [m["iteration"] for m in read_metrics(run)] == [1, 2]
+    seeds = [json.loads((run / "job.json").read_text()) for run in runs]
+    assert [s["submissions"][-1]["sweep"] for s in seeds] == [["train.seed=1"], ["train.seed=2"]]
+    assert read_metrics(runs[0])[0]["loss"] != read_metrics(runs[1])[0]["loss"]
