@@ -36,7 +36,7 @@ from eval.runner import (
 )
 from eval.seg_data import SegmentationDataset, ade20k, camvid, folder_pairs
 from eval.seg_head import MS_SCALES, LinearSegmenter, predict_probabilities
-from eval.seg_probe import SegProbeConfig, _lr_factor, extract_features, train_head
+from eval.seg_probe import SegProbeConfig, extract_features, probe_optimizer, train_head
 from eval.seg_transforms import (
     SegTestTransform,
     SegTrainTransform,
@@ -161,9 +161,9 @@ def train_augmented(
         generator=seeded_generator(config.seed),
         persistent_workers=config.dataset.num_workers > 0,
     )
-    optimizer = torch.optim.AdamW(segmenter.head.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    probe = probe_config(s, config.seed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: _lr_factor(i, probe))
+    optimizer, scheduler = probe_optimizer(
+        segmenter.head.parameters(), probe_config(s, config.seed)
+    )
     console.phase(f"training the head on augmented crops for {s.iterations} iterations")
     segmenter.train()
     batches = endless(loader)

@@ -9,6 +9,7 @@ section 5 (BatchNorm + 1x1 conv, bilinear upsampling, AdamW, warm-up then cosine
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,16 @@ def _lr_factor(iteration: int, config: SegProbeConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def probe_optimizer(
+    parameters: Iterable[nn.Parameter], config: SegProbeConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with linear warm-up then cosine, stepped once per iteration (SPEC section 5);
+    shared by the cached-feature and the augmented training of the head."""
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: _lr_factor(i, config))
+    return optimizer, scheduler
+
+
 def _logits(head: LinearHead, features: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(head(features), size=size, mode="bilinear", align_corners=False)
 
@@ -64,8 +75,7 @@ def train_head(
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     head = LinearHead(features.shape[1], num_classes)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: _lr_factor(i, config))
+    optimizer, scheduler = probe_optimizer(head.parameters(), config)
     head.train()
     for _ in range(config.iterations):
         index = torch.randint(len(features), (config.batch_size,), generator=generator)
