@@ -3,6 +3,12 @@ the `dinospec.commands` entry-point group (dinospec itself never imports eval).
 
     dinospec eval-seg configs/eval/camvid_linear.yaml backbone.path=runs/vits14
     python -m eval.cli eval-cls configs/eval/imagenette_knn_linear.yaml seed=1
+
+Under torchrun or srun the same commands share the work out over the processes (one GPU
+each with `device: cuda`) and give the results of one process:
+
+    torchrun --nproc_per_node 8 -m eval.cli eval-cls configs/eval/imagenet_knn.yaml \
+        backbone.path=runs/vitl14
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from eval.metrics import sum_across_ranks, topk_accuracy
+from eval.metrics import communication_device, sum_across_ranks, topk_accuracy
 
 KNN_KS = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
@@ -26,12 +26,14 @@ def _distributed() -> bool:
 
 
 def _gather_candidates(values: torch.Tensor) -> torch.Tensor:
-    """Every rank's (Q, k) candidates side by side: (Q, world * k)."""
+    """Every rank's (Q, k) candidates side by side: (Q, world * k), on the device of
+    `values` (a bank kept in host memory stays there under NCCL too)."""
     if not _distributed():
         return values
-    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, values.contiguous())
-    return torch.cat(parts, dim=1)
+    sent = values.to(communication_device(values)).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, sent)
+    return torch.cat(parts, dim=1).to(values.device)
 
 
 def _local_candidates(

@@ -17,18 +17,20 @@ import torch.distributed as dist
 IGNORE_INDEX = 255
 
 
-def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum of `tensor` over all ranks, returned on its own device; the input is untouched.
+def communication_device(tensor: torch.Tensor) -> torch.device:
+    """Where `tensor` must be for the default process group: NCCL only moves CUDA tensors,
+    so a CPU tensor travels to the current GPU (and back), and callers may keep their data
+    wherever is convenient."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
 
-    NCCL only reduces CUDA tensors, so a CPU tensor travels to the current GPU and back:
-    callers may keep their accumulators wherever is convenient.
-    """
+
+def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over all ranks, returned on its own device; the input is untouched."""
     if not (dist.is_available() and dist.is_initialized()):
         return tensor.clone()
-    comm_device = tensor.device
-    if dist.get_backend() == "nccl":
-        comm_device = torch.device("cuda", torch.cuda.current_device())
-    buffer = tensor.to(comm_device, copy=True)
+    buffer = tensor.to(communication_device(tensor), copy=True)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     return buffer.to(tensor.device)
 

@@ -4,6 +4,11 @@ Features are computed once per image (a forward pass is the expensive part) and 
 classifier reads them: k-NN uses the L2-normalised [CLS] of the last block, the linear
 grid the configured [CLS] of the last 1 or 4 blocks, optionally with the average patch
 token. The linear learning rate is chosen on a held-out part of train, never on val.
+
+With several processes each rank computes the features of its shard of train and val.
+Val features are gathered to every rank (they are the k-NN queries); the k-NN bank stays
+sharded (eval.knn merges every rank's candidates); rank 0 alone gathers train and fits the
+linear grid, so the grid, the held-out split and the results are those of one process.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from dinospec.config import ConfigError
@@ -36,10 +41,12 @@ from eval.runner import (
     write_results,
 )
 from eval.seg_data import read_class_names
+from eval.sharding import Ranks, joined_ranks
 
 CONFUSION_PLOT = "confusion_matrix.png"
 MAX_PLOTTED_CLASSES = 50
 NO_IGNORE = -1
+Labelled = tuple[torch.Tensor, torch.Tensor]
 
 
 def eval_transform(s: ClsSettings) -> v2.Transform:
@@ -90,8 +97,12 @@ def class_folder_sets(
 
 
 def features_of(
-    backbone: torch.nn.Module, dataset: ImageNetFolder, config: EvalConfig, console: Console
-) -> tuple[torch.Tensor, torch.Tensor]:
+    backbone: torch.nn.Module,
+    dataset: Dataset,
+    config: EvalConfig,
+    console: Console,
+    device: torch.device,
+) -> Labelled:
     loader = DataLoader(
         dataset,
         batch_size=config.cls.feature_batch_size,
@@ -99,20 +110,20 @@ def features_of(
     )
     batches = console.progress(loader, len(loader), "features")
     s = config.cls
-    return extract_features(backbone, batches, s.n_last_blocks, s.avgpool, config.device)
+    return extract_features(backbone, batches, s.n_last_blocks, s.avgpool, device)
 
 
 def knn_results(
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    num_classes: int,
-    s: ClsSettings,
+    bank: Labelled, val: Labelled, num_train: int, num_classes: int, s: ClsSettings
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """{k: {top1, top5}} and the predictions of the smallest k (for the confusion plot)."""
-    too_many = [k for k in s.ks if k > len(train[0])]
+    """{k: {top1, top5}} and the predictions of the smallest k (for the confusion plot).
+
+    `bank` is this rank's shard of the `num_train` train features; `val` is all of val.
+    """
+    too_many = [k for k in s.ks if k > num_train]
     if too_many:
-        raise ConfigError(f"cls.ks={s.ks}: k={too_many} exceed the {len(train[0])} train images")
-    scores = knn_scores(train[0], train[1], val[0], num_classes, s.ks, s.temperature)
+        raise ConfigError(f"cls.ks={s.ks}: k={too_many} exceed the {num_train} train images")
+    scores = knn_scores(bank[0], bank[1], val[0], num_classes, s.ks, s.temperature)
     results = {}
     for k, k_scores in scores.items():
         acc = topk_accuracy(k_scores, val[1], (1, 5))
@@ -121,10 +132,7 @@ def knn_results(
 
 
 def linear_results(
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    num_classes: int,
-    config: EvalConfig,
+    train: Labelled, val: Labelled, num_classes: int, config: EvalConfig
 ) -> tuple[dict[str, Any], torch.Tensor]:
     s = config.cls
     probe = LinearProbeConfig(
@@ -162,50 +170,91 @@ def plot_confusion(matrix: torch.Tensor, names: list[str], title: str, path: Pat
     plt.close(fig)
 
 
+def gathered(ranks: Ranks, shard: Labelled, total: int) -> Labelled:
+    return ranks.gather(shard[0], total), ranks.gather(shard[1], total)
+
+
+def gathered_on_main(ranks: Ranks, shard: Labelled, total: int) -> Labelled | None:
+    features = ranks.gather_to_main(shard[0], total)
+    labels = ranks.gather_to_main(shard[1], total)
+    return None if features is None or labels is None else (features, labels)
+
+
+def last_block_cls(features: torch.Tensor, s: ClsSettings, embed_dim: int) -> torch.Tensor:
+    """The last block's [CLS] out of the linear probe's concatenated features."""
+    return features[:, (s.n_last_blocks - 1) * embed_dim : s.n_last_blocks * embed_dim]
+
+
 def evaluate_classification(config: EvalConfig) -> dict[str, Any]:
     """k-NN and/or linear probe on frozen features; writes results.json (and a confusion
-    matrix PNG for at most 50 classes) into `config.output_dir`, returns the results."""
-    console = Console("eval-cls")
+    matrix PNG for at most 50 classes) into `config.output_dir`, returns the results.
+
+    One process or several (torchrun / SLURM): every rank returns rank 0's results, and
+    only rank 0 prints and writes files.
+    """
+    with joined_ranks(config.device) as ranks:
+        return ranks.from_main(classify(config, ranks))
+
+
+def classify(config: EvalConfig, ranks: Ranks) -> dict[str, Any] | None:
+    """This rank's part of the job: the results on rank 0, None on the others."""
+    console = Console("eval-cls", quiet=not ranks.is_main)
     s = config.cls
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
     seeded_generator(config.seed)
-    backbone, checkpoint = load_frozen_backbone(config.backbone, torch.device(config.device))
+    backbone, checkpoint = load_frozen_backbone(config.backbone, ranks.device)
     console.phase(f"backbone {checkpoint}")
     require_depth(backbone, "cls.n_last_blocks", s.n_last_blocks)
     train_set, val_set, names = class_folder_sets(config.dataset, s)
-    console.phase(f"data: {len(train_set)} train / {len(val_set)} val images, {len(names)} classes")
-    train = features_of(backbone, train_set, config, console)
-    val = features_of(backbone, val_set, config, console)
-    dim = train[0].shape[1]
+    console.phase(
+        f"data: {len(train_set)} train / {len(val_set)} val images, {len(names)} classes, "
+        f"{ranks.world_size} process(es)"
+    )
+    train = features_of(backbone, ranks.shard(train_set), config, console, ranks.device)
+    val_shard = features_of(backbone, ranks.shard(val_set), config, console, ranks.device)
+    val = gathered(ranks, val_shard, len(val_set))
+    dim = val[0].shape[1]
     console.phase(f"features: {dim} dims ({s.n_last_blocks} block(s), avgpool={s.avgpool})")
     results: dict[str, Any] = {"task": "classification", "class_names": names}
     predictions = {}
     if s.knn:
-        last_cls = slice(
-            (s.n_last_blocks - 1) * backbone.embed_dim, s.n_last_blocks * backbone.embed_dim
-        )
-        knn_train, knn_val = (train[0][:, last_cls], train[1]), (val[0][:, last_cls], val[1])
-        results["knn"], predictions["k-NN"] = knn_results(knn_train, knn_val, len(names), s)
-        best = max(results["knn"].values(), key=lambda r: r["top1"])["top1"]
+        bank = (last_block_cls(train[0], s, backbone.embed_dim), train[1])
+        queries = (last_block_cls(val[0], s, backbone.embed_dim), val[1])
+        knn, predictions["k-NN"] = knn_results(bank, queries, len(train_set), len(names), s)
+        results["knn"] = knn
+        best = max(knn.values(), key=lambda r: r["top1"])["top1"]
         console.phase(f"k-NN (T={s.temperature}) best top-1 {100 * best:.2f}")
     if s.linear:
-        results["linear"], predictions["linear"] = linear_results(train, val, len(names), config)
-        linear = results["linear"]
-        console.phase(f"linear top-1 {100 * linear['top1']:.2f} (lr {linear['best_lr']:g})")
+        full_train = gathered_on_main(ranks, train, len(train_set))
+        if full_train is not None:
+            linear, predictions["linear"] = linear_results(full_train, val, len(names), config)
+            results["linear"] = linear
+            console.phase(f"linear top-1 {100 * linear['top1']:.2f} (lr {linear['best_lr']:g})")
+    if not ranks.is_main:
+        return None
     results |= {
         "feature_dim": dim,
         "num_train_images": len(train_set),
         "num_val_images": len(val_set),
+        "num_processes": ranks.world_size,
         **run_record(config, checkpoint),
     }
     if len(names) <= MAX_PLOTTED_CLASSES:
-        which = "linear" if "linear" in predictions else "k-NN"
-        matrix = confusion_matrix(predictions[which], val[1], len(names), NO_IGNORE)
-        results["confusion_matrix"] = {"classifier": which, "counts": matrix.tolist()}
-        plot_confusion(
-            matrix, names, f"{which} confusion (row-normalised)", output_dir / CONFUSION_PLOT
-        )
+        results["confusion_matrix"] = confusion_of(predictions, val[1], names, output_dir)
     path = write_results(output_dir, results)
     console.phase(f"results -> {path}")
     return json_safe(results)
+
+
+def confusion_of(
+    predictions: dict[str, torch.Tensor], labels: torch.Tensor, names: list[str], output_dir: Path
+) -> dict[str, Any]:
+    """The confusion matrix of the linear probe (else k-NN), also drawn as a PNG."""
+    which = "linear" if "linear" in predictions else "k-NN"
+    matrix = confusion_matrix(predictions[which], labels, len(names), NO_IGNORE)
+    plot_confusion(
+        matrix, names, f"{which} confusion (row-normalised)", output_dir / CONFUSION_PLOT
+    )
+    return {"classifier": which, "counts": matrix.tolist()}

@@ -6,11 +6,16 @@ validation set. The head trains either on augmented crops through the backbone a
 iteration (the published protocol) or, with `seg.cache_features`, on features computed
 once from un-augmented centre crops, which is what makes a probe affordable on a CPU;
 results.json says which.
+
+With several processes (torchrun / SLURM) every rank evaluates its shard of val and the
+confusion matrix is summed over ranks. Cached features are computed by shard and
+gathered on rank 0, which trains the head alone; augmented training splits every global
+batch over the ranks (eval.seg_augmented). Either way rank 0's head is then every rank's,
+and the scores are those of one process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +24,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from dinospec.config import ConfigError
-from eval.config import SEG_KINDS, DatasetSource, EvalConfig, SegSettings
+from eval.config import SEG_KINDS, DatasetSource, EvalConfig
 from eval.metrics import IGNORE_INDEX, ConfusionMatrix, scores_from_confusion
 from eval.runner import (
     Console,
@@ -34,18 +37,19 @@ from eval.runner import (
     seeded_generator,
     write_results,
 )
+from eval.seg_augmented import train_augmented
 from eval.seg_data import SegmentationDataset, ade20k, camvid, folder_pairs
 from eval.seg_head import MS_SCALES, LinearSegmenter, predict_probabilities
-from eval.seg_probe import SegProbeConfig, extract_features, probe_optimizer, train_head
+from eval.seg_probe import extract_features, probe_config, train_head
 from eval.seg_transforms import (
     SegTestTransform,
-    SegTrainTransform,
     normalize,
     pad_to,
     rescaled_size,
     resize_image,
     resize_label,
 )
+from eval.sharding import Ranks, joined_ranks
 
 IOU_PLOT = "per_class_iou.png"
 PREDICTIONS_PLOT = "predictions.png"
@@ -101,24 +105,15 @@ class CenterCropTransform:
         return pad_to(normalize(image), label, self.crop_size)
 
 
-def probe_config(s: SegSettings, seed: int) -> SegProbeConfig:
-    return SegProbeConfig(
-        iterations=s.iterations,
-        batch_size=s.batch_size,
-        lr=s.lr,
-        weight_decay=s.weight_decay,
-        warmup_iterations=s.warmup_iterations,
-        n_layers=s.n_layers,
-        seed=seed,
-    )
-
-
 def train_on_cached_features(
     segmenter: LinearSegmenter,
     train_set: SegmentationDataset,
     config: EvalConfig,
     console: Console,
+    ranks: Ranks,
 ) -> dict[str, Any]:
+    """Features of this rank's shard, gathered on rank 0, which alone trains the head: the
+    head is then exactly the one a single process trains."""
     s = config.seg
     patch = segmenter.features.patch_size
     if s.crop_size % patch:
@@ -130,77 +125,49 @@ def train_on_cached_features(
     console.phase(f"caching features of {len(train_set)} centre crops ({s.crop_size} px)")
     backbone = segmenter.features.backbone
     device = next(backbone.parameters()).device
-    features, labels = extract_features(backbone, train_set, s.n_layers, device, s.batch_size)
-    console.phase(f"training the head on cached features for {s.iterations} iterations")
-    head = train_head(features, labels, segmenter.num_classes, probe_config(s, config.seed))
-    segmenter.head = head.to(device)
+    shard = ranks.shard(train_set)
+    features, labels = extract_features(backbone, shard, s.n_layers, device, s.batch_size)
+    features = ranks.gather_to_main(features, len(train_set))
+    labels = ranks.gather_to_main(labels, len(train_set))
+    if features is not None and labels is not None:
+        console.phase(f"training the head on cached features for {s.iterations} iterations")
+        head = train_head(features, labels, segmenter.num_classes, probe_config(s, config.seed))
+        segmenter.head.load_state_dict(head.state_dict())
     return {"mode": "cached_features", "augmentation": "none (centre crop)"}
 
 
-def endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    while True:
-        yield from loader
-
-
-def train_augmented(
-    segmenter: LinearSegmenter,
-    train_set: SegmentationDataset,
-    config: EvalConfig,
-    console: Console,
-) -> dict[str, Any]:
-    """SPEC's recipe: every iteration a fresh random rescale (0.5-2.0), crop and flip."""
-    s = config.seg
-    device = next(segmenter.head.parameters()).device
-    train_set.transform = SegTrainTransform(s.base_size, s.crop_size)
-    loader = DataLoader(
-        train_set,
-        batch_size=min(s.batch_size, len(train_set)),
-        shuffle=True,
-        drop_last=True,
-        num_workers=config.dataset.num_workers,
-        generator=seeded_generator(config.seed),
-        persistent_workers=config.dataset.num_workers > 0,
-    )
-    optimizer, scheduler = probe_optimizer(
-        segmenter.head.parameters(), probe_config(s, config.seed)
-    )
-    console.phase(f"training the head on augmented crops for {s.iterations} iterations")
-    segmenter.train()
-    batches = endless(loader)
-    loss = torch.zeros(())
-    for _ in console.progress(range(s.iterations), s.iterations, "train head"):
-        images, labels = next(batches)
-        logits = segmenter(images.to(device))
-        loss = F.cross_entropy(logits, labels.to(device), ignore_index=IGNORE_INDEX)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    return {
-        "mode": "augmented",
-        "augmentation": "random rescale 0.5-2.0, crop, flip",
-        "final_loss": loss.item(),
-    }
+def share_main_head(segmenter: LinearSegmenter, ranks: Ranks) -> None:
+    """Rank 0's trained head on every rank, so all shards of val are scored by one head."""
+    state = None
+    if ranks.is_main:
+        state = {name: value.cpu() for name, value in segmenter.head.state_dict().items()}
+    segmenter.head.load_state_dict(ranks.from_main(state))
 
 
 @torch.no_grad()
 def evaluate(
-    segmenter: LinearSegmenter, val_set: SegmentationDataset, config: EvalConfig, console: Console
-) -> tuple[torch.Tensor, list[Example]]:
-    """Confusion matrix over the whole val set, and the first few (image, label, pred)."""
+    segmenter: LinearSegmenter,
+    val_set: SegmentationDataset,
+    config: EvalConfig,
+    console: Console,
+    ranks: Ranks,
+) -> tuple[torch.Tensor, list[Example] | None]:
+    """Confusion matrix over the whole val set (this rank scores its shard), and on rank 0
+    the (image, label, pred) of the first few val images, whichever rank scored them."""
     s = config.seg
     device = next(segmenter.head.parameters()).device
     scales = MS_SCALES if s.multiscale else (1.0,)
     transform = SegTestTransform(s.base_size)
     confusion = ConfusionMatrix(segmenter.num_classes)
-    examples: list[Example] = []
+    examples: list[tuple[int, Example]] = []
     segmenter.eval()
     val_set.transform = None
     views = f"{len(scales)} scale(s){' + flip' if s.flip else ''}"
     console.phase(
         f"evaluating {len(val_set)} images: sliding window {s.crop_size}/{s.stride}, {views}"
     )
-    for index in console.progress(range(len(val_set)), len(val_set), "evaluate"):
+    mine = ranks.indices(len(val_set))
+    for index in console.progress(mine, len(mine), "evaluate"):
         raw, label = val_set[index]
         image, label = transform(raw, label)
         probs = predict_probabilities(
@@ -208,9 +175,11 @@ def evaluate(
         )
         pred = probs.argmax(1)[0].cpu()
         confusion.update(pred, label)
-        if len(examples) < s.num_visualized:
-            examples.append((raw, label, pred))
-    return confusion.total(), examples
+        if index < s.num_visualized:
+            examples.append((index, (raw, label, pred)))
+    gathered = ranks.objects_to_main(examples)
+    firsts = None if gathered is None else [example for _, example in sorted(gathered)]
+    return confusion.total(), firsts
 
 
 def palette(num_classes: int) -> torch.Tensor:
@@ -259,13 +228,23 @@ def plot_predictions(examples: list[Example], num_classes: int, path: Path) -> N
 
 def evaluate_segmentation(config: EvalConfig) -> dict[str, Any]:
     """Train and score a linear probe; writes results.json, the per-class IoU chart, a grid
-    of predictions and the head into `config.output_dir`, and returns the results."""
-    console = Console("eval-seg")
-    device = torch.device(config.device)
+    of predictions and the head into `config.output_dir`, and returns the results.
+
+    One process or several (torchrun / SLURM): every rank returns rank 0's results, and
+    only rank 0 prints and writes files.
+    """
+    with joined_ranks(config.device) as ranks:
+        return ranks.from_main(segment(config, ranks))
+
+
+def segment(config: EvalConfig, ranks: Ranks) -> dict[str, Any] | None:
+    """This rank's part of the job: the results on rank 0, None on the others."""
+    console = Console("eval-seg", quiet=not ranks.is_main)
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
     seeded_generator(config.seed)
-    backbone, checkpoint = load_frozen_backbone(config.backbone, device)
+    backbone, checkpoint = load_frozen_backbone(config.backbone, ranks.device)
     console.phase(
         f"backbone {checkpoint} ({sum(p.numel() for p in backbone.parameters()):,} params)"
     )
@@ -273,12 +252,16 @@ def evaluate_segmentation(config: EvalConfig) -> dict[str, Any]:
     train_set, val_set = segmentation_datasets(config.dataset)
     num_classes = train_set.num_classes
     console.phase(
-        f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes"
+        f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
+        f"{ranks.world_size} process(es)"
     )
-    segmenter = LinearSegmenter(backbone, num_classes, config.seg.n_layers).to(device)
+    segmenter = LinearSegmenter(backbone, num_classes, config.seg.n_layers).to(ranks.device)
     train = train_on_cached_features if config.seg.cache_features else train_augmented
-    training = train(segmenter, train_set, config, console)
-    matrix, examples = evaluate(segmenter, val_set, config, console)
+    training = train(segmenter, train_set, config, console, ranks)
+    share_main_head(segmenter, ranks)
+    matrix, examples = evaluate(segmenter, val_set, config, console, ranks)
+    if not ranks.is_main:
+        return None
     scores = scores_from_confusion(matrix)
     names = train_set.class_names
     results = {
@@ -296,6 +279,7 @@ def evaluate_segmentation(config: EvalConfig) -> dict[str, Any]:
         "training": training,
         "num_train_images": len(train_set),
         "num_val_images": len(val_set),
+        "num_processes": ranks.world_size,
         **run_record(config, checkpoint),
     }
     torch.save(segmenter.head.state_dict(), output_dir / HEAD_FILE)

@@ -88,20 +88,28 @@ def write_results(output_dir: Path, results: dict[str, Any]) -> Path:
 
 
 class Console:
-    """One line per phase with the time since the job started; progress bars for loops."""
+    """One line per phase with the time since the job started; progress bars for loops.
 
-    def __init__(self, task: str) -> None:
+    A `quiet` console (every rank but 0 of a distributed job) prints nothing, so a job's
+    log reads the same whatever the number of processes.
+    """
+
+    def __init__(self, task: str, quiet: bool = False) -> None:
         self.task = task
+        self.quiet = quiet
         self.start = time.monotonic()
 
     def phase(self, message: str) -> None:
+        if self.quiet:
+            return
         elapsed = time.monotonic() - self.start
         print(f"[{self.task} {elapsed:7.1f}s] {message}", flush=True)
 
     def progress(self, items: Iterable[Item], total: int, what: str) -> Iterator[Item]:
         """A bar with rate and ETA; tqdm stays silent when stderr is not a terminal, so
         batch logs get only the phase lines."""
-        return iter(tqdm(items, total=total, desc=f"{self.task}: {what}", disable=None))
+        disable = True if self.quiet else None
+        return iter(tqdm(items, total=total, desc=f"{self.task}: {what}", disable=disable))
 
 
 def seeded_generator(seed: int) -> torch.Generator:

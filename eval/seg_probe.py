@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from eval.metrics import IGNORE_INDEX, ConfusionMatrix, SegmentationScores
 from eval.seg_head import FrozenPatchFeatures, LinearHead
+
+if TYPE_CHECKING:
+    from eval.config import SegSettings
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,19 @@ class SegProbeConfig:
     warmup_iterations: int = 1500
     n_layers: int = 1
     seed: int = 0
+
+
+def probe_config(s: SegSettings, seed: int) -> SegProbeConfig:
+    """The training recipe part of an evaluation config's `seg` section."""
+    return SegProbeConfig(
+        iterations=s.iterations,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        warmup_iterations=s.warmup_iterations,
+        n_layers=s.n_layers,
+        seed=seed,
+    )
 
 
 @torch.no_grad()

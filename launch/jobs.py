@@ -18,7 +18,6 @@ class JobType(Protocol):
 
     name: str
     description: str
-    single_task: bool
 
     def load(self, config_path: str, overrides: Sequence[str], output_dir: str | None) -> Any:
         """The fully validated config, with every path made absolute on the submitting host."""
@@ -72,8 +71,6 @@ class TrainJobType:
 
     name = "train"
     description = "self-supervised pretraining; resumes from the newest checkpoint"
-    single_task = False
-
     def load(self, config_path: str, overrides: Sequence[str], output_dir: str | None) -> Config:
         extra = [f"train.output_dir={output_dir}"] if output_dir else []
         config = load_config(config_path, [*overrides, *extra])
@@ -105,9 +102,8 @@ class TrainJobType:
 
 
 class EvalJobType:
-    """Evaluation of a frozen backbone (`eval.run_seg` / `eval.run_cls`), one process."""
-
-    single_task = True
+    """Evaluation of a frozen backbone (`eval.run_seg` / `eval.run_cls`), on as many
+    processes as the job has tasks (each takes a shard of the images)."""
 
     def __init__(self, kind: str, description: str) -> None:
         self.kind = kind

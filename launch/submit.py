@@ -68,17 +68,8 @@ def build_parser(job: JobType) -> argparse.ArgumentParser:
     return parser
 
 
-def tasks_per_node(job: JobType, args: argparse.Namespace) -> int:
+def tasks_per_node(args: argparse.Namespace) -> int:
     """One task per GPU, or `--tasks-per-node` on CPU nodes."""
-    tasks = _tasks_per_node(args)
-    if job.single_task and args.nodes * tasks > 1:
-        raise LaunchError(
-            f"{job.name} runs as one process; got {args.nodes} node(s) x {tasks} task(s)"
-        )
-    return tasks
-
-
-def _tasks_per_node(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise LaunchError(f"--nodes must be >= 1, got {args.nodes}")
     if args.gpus_per_node < 0:
@@ -102,7 +93,7 @@ def executor_parameters(job: JobType, args: argparse.Namespace) -> dict[str, Any
     params: dict[str, Any] = {
         "name": args.job_name or f"dinospec-{job.name}",
         "nodes": args.nodes,
-        "tasks_per_node": tasks_per_node(job, args),
+        "tasks_per_node": tasks_per_node(args),
         "timeout_min": args.timeout,
         "slurm_signal_delay_s": args.signal_delay,
         "slurm_srun_args": ["--kill-on-bad-exit=1"],
