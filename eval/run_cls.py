@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from dinospec.config import ConfigError
-from dinospec.data.datasets import ImageNetFolder
+from dinospec.data.datasets import BadImageTracker, ImageNetFolder
 from dinospec.data.transforms import normalize
 from eval.config import CLS_KINDS, ClsSettings, DatasetSource, EvalConfig
 from eval.knn import knn_scores
@@ -71,6 +71,7 @@ def limit_per_class(dataset: ImageNetFolder, limit: int | None) -> ImageNetFolde
         step = max(len(own) / limit, 1.0)
         kept += [own[int(i * step)] for i in range(min(limit, len(own)))]
     dataset.samples = kept
+    dataset.bad = BadImageTracker([path for path, _ in kept], dataset.bad.max_bad_fraction)
     return dataset
 
 

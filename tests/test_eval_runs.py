@@ -15,13 +15,15 @@ import pytest
 import torch
 from conftest import SHARED
 from helpers import tiny_vit
+from PIL import Image
 
 from dinospec.config import ConfigError
+from dinospec.data.datasets import ImageNetFolder
 from dinospec.models.checkpoints import save_backbone
 from eval.cli import main as eval_main
 from eval.config import load_eval_config
 from eval.metrics import scores_from_confusion
-from eval.run_cls import evaluate_classification
+from eval.run_cls import evaluate_classification, limit_per_class
 from eval.run_seg import evaluate_segmentation
 
 CAMVID = SHARED / "data" / "camvid"
@@ -163,3 +165,16 @@ def test_eval_cli_reports_user_errors(tmp_path: Path, capsys: pytest.CaptureFixt
         eval_main(["eval-seg", str(config), f"dataset.root={CAMVID}"])
     assert exit_info.value.code == 2
     assert "none.pth" in capsys.readouterr().err
+
+
+def test_per_class_limit_reports_unreadable_images_by_their_own_path(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / name / f"{i}.jpg")
+    corrupt = tmp_path / "b" / "2.jpg"
+    corrupt.write_bytes(b"not a jpeg")
+    dataset = limit_per_class(ImageNetFolder(tmp_path, max_bad_fraction=0.5), 2)
+    assert [path.name for path, _ in dataset.samples] == ["0.jpg", "2.jpg", "0.jpg", "2.jpg"]
+    dataset[3]
+    assert dataset.bad.bad_paths() == [corrupt]

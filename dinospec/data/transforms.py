@@ -4,6 +4,12 @@ Every input is first turned into a uint8 CHW tensor, so PIL images and tensors t
 same kernels and give the same crops for the same seed, and thresholds such as the
 solarization level 128 keep their uint8 meaning until the final float conversion.
 
+The recipe is built from torchvision v2 transforms, which draw the random parameters; four
+of them swap in their own kernel, because torchvision's uint8 kernels for hue (an HSV
+round trip), Gaussian blur (a 9x9 depthwise convolution), solarization and normalization
+took most of the time of a crop. The replacements compute the same functions (hue and blur
+may differ by one uint8 level through float rounding) and draw no extra random numbers.
+
 Randomness: torchvision's v2 transforms draw from torch's global RNG and accept no
 generator. A result is therefore reproducible by seeding that RNG: call
 `torch.manual_seed(s)` before the augmentation in a single process; in a DataLoader each
@@ -14,30 +20,172 @@ process makes a whole run's crops reproducible.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BLUR_KERNEL_SIZE = 9
 BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128
+UINT8_MAX = 255.0
+# torchvision's float -> uint8 conversion scales by 256 - eps and truncates; kept so the
+# fast hue kernel rounds as torchvision's does.
+TO_UINT8_SCALE = (UINT8_MAX + 1.0 - 1e-3) / UINT8_MAX
+HUE_CHANNEL_OFFSETS = (5.0, 3.0, 1.0)
+
+
+def gaussian_kernel1d(sigma: float, size: int = BLUR_KERNEL_SIZE) -> Tensor:
+    """torchvision's Gaussian weights (normalized to sum 1), one axis of its 2-D kernel."""
+    offsets = torch.arange(size, dtype=torch.float32) - size // 2
+    return torch.softmax(-(offsets**2) / (2.0 * sigma**2), dim=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _band_indices(size: int, radius: int) -> tuple[Tensor, Tensor]:
+    """Row and column of each tap of a reflect-padded 1-D correlation, as a size x size map."""
+    rows = torch.arange(size).repeat_interleave(2 * radius + 1)
+    cols = (rows + torch.arange(-radius, radius + 1).repeat(size)).abs()
+    cols = torch.minimum(cols, 2 * (size - 1) - cols)
+    return rows, cols
+
+
+def reflect_band_matrix(weights: Tensor, size: int) -> Tensor:
+    """M with M @ x equal to correlating x (along its first axis) with weights under
+    'reflect' padding. Two such products blur an image: on a CPU one matrix product is far
+    faster than the 9 x 9 depthwise convolution or 18 shifted additions, and the padding
+    comes for free."""
+    radius = len(weights) // 2
+    if size <= radius:
+        raise ValueError(f"cannot reflect-pad {radius} pixels of an image side of {size}")
+    rows, cols = _band_indices(size, radius)
+    band = torch.zeros(size, size)
+    return band.index_put_((rows, cols), weights.repeat(size), accumulate=True)
+
+
+def gaussian_blur_uint8(image: Tensor, sigma: float, kernel_size: int = BLUR_KERNEL_SIZE) -> Tensor:
+    """torchvision's gaussian_blur with a square kernel, computed separably (the 2-D
+    Gaussian kernel is the outer product of two 1-D ones); rounded back to uint8 likewise."""
+    weights = gaussian_kernel1d(sigma, kernel_size)
+    height, width = image.shape[-2:]
+    rows = reflect_band_matrix(weights, height)
+    cols = rows if width == height else reflect_band_matrix(weights, width)
+    blurred = rows @ image.to(torch.float32) @ cols.T
+    return blurred.round_().to(torch.uint8)
+
+
+def _hue_times_six(
+    red: Tensor, green: Tensor, blue: Tensor, high: Tensor, chroma: Tensor
+) -> Tensor:
+    """HSV hue in [-1, 5) sixths of a turn, as torchvision computes it (red wins ties, then
+    green). Comparisons, bool masks and torch.where are slow on CPU, so the masks come from
+    arithmetic: levels are whole numbers, so high - channel is 0 where the channel is the
+    max and at least 1 elsewhere, and clamping it to 1 gives a 0/1 mask. Likewise chroma is
+    0 or at least 1, and where it is 0 the hue does not matter, so clamping it to 1 only
+    avoids dividing by zero."""
+    red_not_max = (high - red).clamp_(max=1.0)
+    is_blue = (high - green).clamp_(max=1.0).mul_(red_not_max)
+    is_green = red_not_max - is_blue
+    is_red = 1.0 - red_not_max
+    hue6 = (red - green).mul_(is_blue)
+    hue6.addcmul_(is_red, green - blue).addcmul_(is_green, blue - red)
+    hue6.div_(chroma.clamp(min=1.0))
+    return hue6.add_(is_green, alpha=2.0).add_(is_blue, alpha=4.0)
+
+
+def adjust_hue_uint8(image: Tensor, hue_factor: float) -> Tensor:
+    """torchvision's adjust_hue (rotate the HSV hue, keep saturation and value) without its
+    HSV round trip. Max, min and chroma = max - min do not change, and each channel is
+    min + chroma * clamp(|u| - 1, 0, 1) with u = n + 6 hue - 2 wrapped into [-2, 4) and
+    n = 5, 3, 1 for R, G, B (the hexcone formula). Per-operation overhead dominates on
+    small crops, so the operations are few, and mostly in place."""
+    pixels = image.to(torch.float32)
+    red, green, blue = pixels.unbind(0)
+    high = torch.maximum(red, green)
+    torch.maximum(high, blue, out=high)
+    low = torch.minimum(red, green)
+    torch.minimum(low, blue, out=low)
+    chroma = high - low
+    shift = torch.tensor(HUE_CHANNEL_OFFSETS).add_(6.0 * hue_factor - 2.0).view(3, 1, 1)
+    position = _hue_times_six(red, green, blue, high, chroma) + shift
+    position.sub_(torch.div(position, 6.0).add_(1.0 / 3.0).floor_(), alpha=6.0)
+    rotated = position.abs_().sub_(1.0).clamp_(0.0, 1.0).mul_(chroma).add_(low)
+    return rotated.mul_(TO_UINT8_SCALE).to(torch.uint8)
+
+
+def solarize_uint8(image: Tensor, threshold: int) -> Tensor:
+    """Invert levels >= threshold with an XOR mask; torch.where costs 40 times more here."""
+    return image ^ image.ge(threshold).to(torch.uint8).mul_(255)
+
+
+class FastColorJitter(v2.ColorJitter):
+    """v2.ColorJitter (same parameters, same random order of the four adjustments) with the
+    hue step replaced by adjust_hue_uint8."""
+
+    def transform(self, inpt: Tensor, params: dict[str, Any]) -> Tensor:
+        steps = (
+            (F.adjust_brightness, params["brightness_factor"]),
+            (F.adjust_contrast, params["contrast_factor"]),
+            (F.adjust_saturation, params["saturation_factor"]),
+            (adjust_hue_uint8, params["hue_factor"]),
+        )
+        for index in params["fn_idx"].tolist():
+            adjust, factor = steps[index]
+            if factor is not None:
+                inpt = adjust(inpt, factor)
+        return inpt
+
+
+class FastGaussianBlur(v2.GaussianBlur):
+    """v2.GaussianBlur (same sigma draw) with a square kernel, computed by
+    gaussian_blur_uint8."""
+
+    def __init__(self, kernel_size: int, sigma: Sequence[float]) -> None:
+        super().__init__(kernel_size, sigma=sigma)
+
+    def transform(self, inpt: Tensor, params: dict[str, Any]) -> Tensor:
+        return gaussian_blur_uint8(inpt, params["sigma"][0], self.kernel_size[0])
+
+
+class FastSolarize(v2.RandomSolarize):
+    """v2.RandomSolarize computed by solarize_uint8."""
+
+    def transform(self, inpt: Tensor, params: dict[str, Any]) -> Tensor:
+        return solarize_uint8(inpt, int(self.threshold))
+
+
+class NormalizeUint8(v2.Normalize):
+    """uint8 in [0, 255] to float32 standardized with the ImageNet statistics in one pass:
+    (x / 255 - mean) / std folded into x * scale - offset. Float input is refused, as its
+    range (0-1 or 0-255) cannot be told."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(mean, std)
+        self.scale = 1.0 / (UINT8_MAX * torch.tensor(std)).view(3, 1, 1)
+        self.offset = (torch.tensor(mean) / torch.tensor(std)).view(3, 1, 1)
+
+    def transform(self, inpt: Tensor, params: dict[str, Any]) -> Tensor:
+        if inpt.dtype != torch.uint8:
+            raise TypeError(f"expected a uint8 image tensor, got dtype {inpt.dtype}")
+        return inpt.to(torch.float32).mul_(self.scale).sub_(self.offset)
 
 
 def gaussian_blur(p: float) -> v2.Transform:
     """DINOv2 blurs with a fixed 9-pixel kernel whatever the crop size; only sigma varies."""
-    return v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL_SIZE, sigma=BLUR_SIGMA)], p=p)
+    return v2.RandomApply([FastGaussianBlur(BLUR_KERNEL_SIZE, sigma=BLUR_SIGMA)], p=p)
 
 
 def color_distortion() -> v2.Transform:
     return v2.Compose(
         [
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomApply([FastColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
         ]
     )
@@ -45,9 +193,7 @@ def color_distortion() -> v2.Transform:
 
 def normalize() -> v2.Transform:
     """uint8 in [0, 255] to float32 standardized with the ImageNet statistics."""
-    return v2.Compose(
-        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
+    return NormalizeUint8(IMAGENET_MEAN, IMAGENET_STD)
 
 
 def random_crop_and_flip(size: int, scale: Sequence[float]) -> v2.Transform:
@@ -59,18 +205,20 @@ def random_crop_and_flip(size: int, scale: Sequence[float]) -> v2.Transform:
     )
 
 
-def to_uint8_image(image: Image.Image | Tensor) -> tv_tensors.Image:
+def to_uint8_image(image: Image.Image | Tensor) -> Tensor:
     """Accept what datasets produce; refuse float tensors because their value range (0-1 or
-    0-255) cannot be told apart and the solarization threshold would silently be wrong."""
+    0-255) cannot be told apart and the solarization threshold would silently be wrong.
+    A plain tensor, not a tv_tensors.Image: v2 treats a lone tensor as an image anyway, and
+    the subclass would only add wrapping and unwrapping around every kernel."""
     if isinstance(image, Image.Image):
-        return v2.functional.to_image(image.convert("RGB"))
+        return F.pil_to_tensor(image.convert("RGB"))
     if not isinstance(image, Tensor):
         raise TypeError(f"expected a PIL image or a uint8 tensor, got {type(image).__name__}")
     if image.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 image tensor, got dtype {image.dtype}")
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected an RGB tensor of shape (3, H, W), got {tuple(image.shape)}")
-    return tv_tensors.Image(image)
+    return image.as_subclass(Tensor)
 
 
 class MultiCropAugmentation:
@@ -98,7 +246,7 @@ class MultiCropAugmentation:
             [
                 color_distortion(),
                 gaussian_blur(0.1),
-                v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2),
+                FastSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2),
                 normalize(),
             ]
         )
@@ -107,12 +255,11 @@ class MultiCropAugmentation:
     def __call__(self, image: Image.Image | Tensor) -> dict[str, list[Tensor] | tuple]:
         image = to_uint8_image(image)
         global_crops = [
-            self._plain(self.global_transform_1(self.global_geometry(image))),
-            self._plain(self.global_transform_2(self.global_geometry(image))),
+            self.global_transform_1(self.global_geometry(image)),
+            self.global_transform_2(self.global_geometry(image)),
         ]
         local_crops = [
-            self._plain(self.local_transform(self.local_geometry(image)))
-            for _ in range(self.local_crops_number)
+            self.local_transform(self.local_geometry(image)) for _ in range(self.local_crops_number)
         ]
         return {
             "global_crops": global_crops,
@@ -120,8 +267,3 @@ class MultiCropAugmentation:
             "local_crops": local_crops,
             "offsets": (),
         }
-
-    @staticmethod
-    def _plain(crop: Tensor) -> Tensor:
-        """Drop the tv_tensors subclass so downstream torch code sees ordinary tensors."""
-        return crop.as_subclass(Tensor)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinospec.config import Config
 from dinospec.data.collate import masks_weight, stack_crops, stratified_mask_ratios
-from dinospec.data.datasets import ImageList, ImageNetFolder, ImageTree
+from dinospec.data.datasets import ImageList, ImageNetFolder, ImageTree, load_rgb_tensor
 from dinospec.data.masking import MaskingGenerator
 from dinospec.data.samplers import InfiniteDistributedSampler
 from dinospec.data.synthetic import SyntheticScenes
@@ -33,18 +33,20 @@ def derived_seed(*keys: int) -> int:
 
 def build_image_dataset(config: Config) -> Dataset:
     """The unlabelled image source named by `data`; a missing path fails here, before any
-    model is built."""
+    model is built. Files are decoded to uint8 tensors, the input the augmentation works on,
+    so no PIL image is built on the way."""
     data = config.data
     if data.dataset == "synthetic":
         return SyntheticScenes(
             data.synthetic_size, data.synthetic_image_size, seed=config.train.seed
         )
     path = Path(data.path)
+    options = {"max_bad_fraction": data.max_bad_fraction, "loader": load_rgb_tensor}
     if data.dataset == "imagenet":
-        return ImageNetFolder(path / "train", max_bad_fraction=data.max_bad_fraction)
+        return ImageNetFolder(path / "train", **options)
     if data.dataset == "folder":
-        return ImageTree(path, max_bad_fraction=data.max_bad_fraction)
-    return ImageList(path, max_bad_fraction=data.max_bad_fraction)
+        return ImageTree(path, **options)
+    return ImageList(path, **options)
 
 
 class PositionSampler(Sampler[tuple[int, int]]):
@@ -131,18 +133,23 @@ class StepCollator:
         }
 
 
-def build_loader(
-    config: Config, images: Dataset, rank: int, world_size: int, start_step: int
-) -> Iterator[dict[str, Any]]:
-    """Infinite iterator of this rank's batches from `start_step` on."""
+def build_augmentation(config: Config) -> MultiCropAugmentation:
     crops = config.crops
-    augmentation = MultiCropAugmentation(
+    return MultiCropAugmentation(
         crops.global_crops_scale,
         crops.local_crops_scale,
         crops.local_crops_number,
         crops.global_crops_size,
         crops.local_crops_size,
     )
+
+
+def build_loader(
+    config: Config, images: Dataset, rank: int, world_size: int, start_step: int
+) -> Iterator[dict[str, Any]]:
+    """Infinite iterator of this rank's batches from `start_step` on."""
+    crops = config.crops
+    augmentation = build_augmentation(config)
     per_rank = config.train.batch_size_per_gpu
     global_batch = per_rank * world_size
     grid = crops.global_crops_size // config.model.patch_size
