@@ -28,6 +28,7 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/specialize_overhead.py
+	$(PY) benchmarks/backbone_vs_reference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -50,11 +50,12 @@ def first_host(nodelist: str) -> str:
     return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0]
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", need_group: bool = False) -> DistInfo:
     """Join the process group described by the environment, if any.
 
     torchrun's variables win; otherwise SLURM's (one task per GPU); otherwise a single
-    process without a process group. gloo on CPU, NCCL on GPU.
+    process, with a process group of its own only when `need_group` (FSDP2 shards over one,
+    even of size 1). gloo on CPU, NCCL on GPU.
     """
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         os.environ.update(_env_from_slurm())
@@ -67,8 +68,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    if dist.is_initialized():
+        return DistInfo(rank, world_size, local_rank, dev)
+    backend = "nccl" if use_cuda else "gloo"
+    if world_size > 1:
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    elif need_group:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(rank, world_size, local_rank, dev)
 
 

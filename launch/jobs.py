@@ -71,6 +71,7 @@ class TrainJobType:
 
     name = "train"
     description = "self-supervised pretraining; resumes from the newest checkpoint"
+
     def load(self, config_path: str, overrides: Sequence[str], output_dir: str | None) -> Config:
         extra = [f"train.output_dir={output_dir}"] if output_dir else []
         config = load_config(config_path, [*overrides, *extra])

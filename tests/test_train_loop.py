@@ -159,3 +159,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     for a, b in zip(ws1, ws2, strict=True):
         for key in ("loss_dino_global", "loss_dino_local", "loss_ibot"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["iteration"], key)
+
+
+@pytest.mark.slow
+def test_fsdp_in_one_process_matches_the_unsharded_run(tmp_path):
+    """`train.fsdp=true` without torchrun: FSDP2 over a process group of one."""
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    for run_dir, fsdp in ((plain, "false"), (sharded, "true")):
+        done = run_cli(run_dir, "train.max_iterations=3", f"train.fsdp={fsdp}")
+        assert done.returncode == 0, done.stderr
+    for a, b in zip(read_metrics(plain), read_metrics(sharded), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["iteration"]

@@ -71,6 +71,8 @@ class Attention(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
         out = out.reshape(b, n, c)
+        if len(streams) == 1:  # a split into one part would still cost a copy in backward
+            return [apply_layer(self.proj, out, routes[0])]
         sizes = [x.shape[1] for x in streams]
         if isinstance(self.proj, TokenSpecialized):
             parts = out.split(sizes, dim=1)
@@ -211,12 +213,18 @@ class Block(nn.Module):
         return streams
 
     def forward(
-        self, x: Tensor | list[Tensor], route: Route | list[Route] = None
-    ) -> Tensor | list[Tensor]:
+        self,
+        x: Tensor | list[Tensor] | list[list[Tensor]],
+        route: Route | list[Route] | list[list[Route]] = None,
+    ) -> Tensor | list[Tensor] | list[list[Tensor]]:
         """Streams in, streams out, as the backbone calls it (through `__call__`, so FSDP's
-        hooks gather the block's parameters). A plain tensor, as DINOv2 code passes it, is
-        routed by `route`; a specialized block given no route treats the first
-        `num_prefix_tokens` tokens of every row as the prefix stream."""
+        hooks gather the block's parameters). A list of stream lists (one per crop size, with
+        a list of routes each) runs every crop size in this one call, so a sharded block is
+        gathered once for all of them. A plain tensor, as DINOv2 code passes it, is routed by
+        `route`; a specialized block given no route treats the first `num_prefix_tokens`
+        tokens of every row as the prefix stream."""
+        if isinstance(x, list) and x and isinstance(x[0], list):
+            return [self.forward_streams(s, r) for s, r in zip(x, route, strict=True)]
         if isinstance(x, list):
             return self.forward_streams(x, route)
         if route is None and self.specialized:

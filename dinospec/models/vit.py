@@ -220,17 +220,18 @@ class DinoVisionTransformer(nn.Module):
     def forward_features_list(
         self, x_list: Sequence[Tensor], masks_list: Sequence[Tensor | None]
     ) -> list[dict]:
-        """Multi-crop: each element is a batch of same-size crops; all share each block
-        call so a sharded block is gathered once per step, not once per crop size."""
+        """Multi-crop: each element is a batch of same-size crops, run at its own size (no
+        padding); all sizes share each block call so a sharded block is gathered once per
+        step, not once per crop size."""
         prepared = [
             self.split_streams(self.prepare_tokens_with_masks(x, m))
             for x, m in zip(x_list, masks_list, strict=True)
         ]
-        streams = [s for s, _ in prepared]
+        groups = [s for s, _ in prepared]
         routes = [r for _, r in prepared]
         for blk in self.blocks:
-            streams = [blk(s, r) for s, r in zip(streams, routes, strict=True)]
-        return [self._outputs(s, r, m) for s, r, m in zip(streams, routes, masks_list, strict=True)]
+            groups = blk(groups, routes)
+        return [self._outputs(s, r, m) for s, r, m in zip(groups, routes, masks_list, strict=True)]
 
     def forward_features(
         self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from dinospec.config import Config, config_to_yaml
 from dinospec.distributed import DistInfo, all_reduce_mean, init_distributed, shard_model
 from dinospec.models.checkpoints import write_backbone
+from dinospec.train.accelerate import accelerate, autocast_dtype
 from dinospec.train.checkpoint import resume_latest, save_checkpoint
 from dinospec.train.data import build_image_dataset, build_loader, derived_seed, to_device
 from dinospec.train.ema import ema_update
@@ -105,9 +106,11 @@ class StepResult:
 class Trainer:
     """One training run; `run()` goes from the resume point to the configured end."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, device: str = "auto") -> None:
+        """`device` is 'auto' (CUDA when there is one), 'cpu' or 'cuda', so a benchmark can
+        time a CPU run on a GPU machine."""
         self.config = config
-        self.info: DistInfo = init_distributed()
+        self.info: DistInfo = init_distributed(device, need_group=config.train.fsdp)
         if self.info.device.type == "cpu" and config.data.num_workers:
             # small CPU ops run slower when data workers and compute threads oversubscribe
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - config.data.num_workers))
@@ -116,12 +119,15 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.model = SSLModel(config).to(self.info.device)
         self.model.train()
+        self.autocast_dtype = autocast_dtype(config.train.precision, self.info.device)
+        accelerate(self.model, config.train, self.info.device)
         if config.train.fsdp or self.info.world_size > 1:
+            bf16 = self.autocast_dtype == torch.bfloat16
             for part in (self.model.student, self.model.teacher):
-                shard_model(part.backbone, part.backbone.blocks, self.info.device.type == "cuda")
+                shard_model(part.backbone, part.backbone.blocks, bf16)
                 for name, head in part.items():
                     if name != "backbone":
-                        shard_model(head, [], self.info.device.type == "cuda")
+                        shard_model(head, [], bf16)
         o = config.optim
         self.optimizer = torch.optim.AdamW(
             param_groups(
@@ -174,7 +180,8 @@ class Trainer:
         (the flag is reduced), before anything (weights, centers) has changed."""
         model = self.model
         device = self.info.device
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        dtype = self.autocast_dtype
+        with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
             targets = model.teacher_targets(batch, values["teacher_temp"])
             terms, student_cls = model.losses(batch, targets)
         finite = torch.tensor(
