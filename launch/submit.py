@@ -112,8 +112,9 @@ def executor_parameters(job: JobType, args: argparse.Namespace) -> dict[str, Any
 
 
 def active_jobs(job_ids: Sequence[str]) -> list[str]:
-    """Which of these jobs SLURM still has queued or running."""
-    if not job_ids:
+    """Which of these jobs SLURM still has queued or running (none where SLURM's client is
+    missing: then nothing can have been submitted from here)."""
+    if not job_ids or shutil.which("squeue") is None:
         return []
     listed = subprocess.run(
         ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True
@@ -142,7 +143,7 @@ def submit(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> str:
     config = load_checked(job, args)
     parameters = executor_parameters(job, args)
     output_dir = job.output_dir(config)
-    running = active_jobs(read_job_file(output_dir)["job_ids"]) if shutil.which("squeue") else []
+    running = active_jobs(read_job_file(output_dir)["job_ids"])
     if running:
         raise LaunchError(
             f"job(s) {', '.join(running)} still queued or running in {output_dir}; "
@@ -201,15 +202,11 @@ def submit_sweep(job: JobType, args: argparse.Namespace, argv: Sequence[str]) ->
         for point in points
     ]
     parameters = executor_parameters(job, args)
-    busy = (
-        [
-            job_id
-            for config in configs
-            for job_id in active_jobs(read_job_file(job.output_dir(config))["job_ids"])
-        ]
-        if shutil.which("squeue")
-        else []
-    )
+    busy = [
+        job_id
+        for config in configs
+        for job_id in active_jobs(read_job_file(job.output_dir(config))["job_ids"])
+    ]
     if busy:
         raise LaunchError(f"job(s) {', '.join(busy)} still queued or running in this sweep")
     executor = make_executor(base / LOG_DIR, parameters, args.max_timeouts)

@@ -3,7 +3,9 @@
 MKL picks its GEMM kernel by the number of rows, so by default the same row can round
 differently when it is multiplied alone or among many. Function-preserving conversion is
 checked bit for bit, which needs row-independent results: MKL's strict conditional
-numerical reproducibility mode gives them. It must be set before torch loads MKL.
+numerical reproducibility mode gives them for matrices of four rows or more (smaller ones
+take another kernel, so bit-exact tests use batches of at least four). It must be set
+before torch loads MKL.
 """
 
 import os

@@ -32,20 +32,24 @@ def test_conversion_is_exact(ffn_layer, spec, registers):
     vanilla = randomize(tiny_vit(ffn_layer=ffn_layer, num_register_tokens=registers)).eval()
     converted = specialize_backbone(vanilla, spec)
     assert converted.is_specialized and not vanilla.is_specialized
-    x = torch.randn(3, 3, 32, 32)
-    masks = torch.rand(3, 16) < 0.4
+    x = torch.randn(4, 3, 32, 32)
+    masks = torch.rand(4, 16) < 0.4
     for ours, ref in zip(
         _all_outputs(converted, x, masks), _all_outputs(vanilla, x, masks), strict=True
     ):
         assert ours.shape == ref.shape and torch.equal(ours, ref)
 
 
-def test_single_image_conversion_is_exact():
+def test_single_image_conversion_is_equal_up_to_rounding():
+    """One image sends a single [CLS] row through each prefix linear. MKL multiplies
+    fewer than four rows with another kernel than a large matrix, even in its strict
+    reproducibility mode, so that row may round differently (by about 1e-6) from the
+    same row inside the vanilla model's full matrix: equal up to float rounding only."""
     vanilla = randomize(tiny_vit()).eval()
     converted = specialize_backbone(vanilla, EVERYTHING)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(converted(x), vanilla(x))
+        torch.testing.assert_close(converted(x), vanilla(x), rtol=1e-5, atol=1e-6)
 
 
 def test_state_dict_conversion_matches_model_conversion():
