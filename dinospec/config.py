@@ -95,6 +95,10 @@ class CropsConfig:
     local_crops_number: int = 8
     global_crops_size: int = 224
     local_crops_size: int = 98  # 96 in SPEC for patch 16; DINOv2 uses 98 with patch 14
+    # Gaussian blur sigma range in pixels (9-pixel kernel). DINOv2's values suit 224 px
+    # crops; on much smaller crops the same sigma wipes out textures a few pixels wide,
+    # so small-image configs scale it with the crop size.
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
 
 
 @dataclass
@@ -379,6 +383,9 @@ def training_problems(c: Config) -> list[tuple[str, Any, str]]:
         pair = list(OmegaConf.select(OmegaConf.structured(c), key))
         if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= 1:
             out.append((key, pair, "must be [low, high] with 0 < low <= high <= 1"))
+    sigma = list(c.crops.blur_sigma)
+    if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
+        out.append(("crops.blur_sigma", sigma, "must be [low, high] with 0 < low <= high"))
     positive = {
         "train.batch_size_per_gpu": c.train.batch_size_per_gpu,
         "train.epoch_length": c.train.epoch_length,

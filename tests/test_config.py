@@ -132,3 +132,9 @@ def test_training_recipes(size, dataset, variant):
             500,
         )
         assert cfg.dino.head_n_prototypes == 131072 and cfg.ibot.separate_head
+
+
+@pytest.mark.parametrize("sigma", ["[0.0,1.0]", "[2.0,1.0]", "[0.5]"])
+def test_blur_sigma_must_be_a_positive_range(sigma):
+    with pytest.raises(ConfigError, match=r"crops\.blur_sigma=.*must be \[low, high\]"):
+        load_config(None, [f"crops.blur_sigma={sigma}"])

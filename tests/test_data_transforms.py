@@ -178,3 +178,10 @@ def test_recipe_matches_spec() -> None:
     solarize = [find(p, v2.RandomSolarize) for p in pipelines.values()]
     assert [len(s) for s in solarize] == [0, 1, 0]
     assert solarize[1][0][0].threshold == 128 and solarize[1][0][0].p == 0.2
+
+
+def test_blur_sigma_is_configurable_for_every_blur() -> None:
+    aug = MultiCropAugmentation(blur_sigma=(0.1, 0.6))
+    for pipeline in (aug.global_transform_1, aug.global_transform_2, aug.local_transform):
+        ((blur, _),) = find(pipeline, v2.GaussianBlur)
+        assert list(blur.sigma) == [0.1, 0.6]

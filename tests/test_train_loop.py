@@ -170,3 +170,11 @@ def test_fsdp_in_one_process_matches_the_unsharded_run(tmp_path):
         assert done.returncode == 0, done.stderr
     for a, b in zip(read_metrics(plain), read_metrics(sharded), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["iteration"]
+
+
+def test_training_without_local_crops(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", "crops.local_crops_number=0"))
+    trainer.run()
+    metrics = read_metrics(trainer.run_dir)
+    assert all("loss_dino_local" not in m and math.isfinite(m["loss"]) for m in metrics)
+    assert metrics[-1]["iteration"] == 12

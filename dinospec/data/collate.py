@@ -58,8 +58,11 @@ def collate_data_and_cast(
 
 
 def stack_crops(samples_list: Sequence[tuple[dict[str, Any], Any]], key: str) -> Tensor:
-    """Crop-major stack: index `crop * batch + image`."""
+    """Crop-major stack: index `crop * batch + image`; an empty tensor when there are no
+    such crops (a config with `local_crops_number: 0`)."""
     n_crops = len(samples_list[0][0][key])
+    if n_crops == 0:
+        return torch.empty(0)
     return torch.stack([sample[0][key][c] for c in range(n_crops) for sample in samples_list])
 
 

@@ -1,10 +1,14 @@
 """Procedural scenes: the built-in dataset, so training and evaluation run with no files.
 
 A useful stand-in for photos must reward what self-supervised features should learn
-(shape, texture, object extent) and defeat shortcuts: every object and background colour
-is drawn from the same distribution whatever the class, and every object is painted with
-two colours, so colour statistics say nothing about the class. Each scene is a pure
-function of (seed, index), so any worker can render any item and a run is reproducible.
+(shape, texture, object extent) and defeat shortcuts. Each scene is painted in two grey
+levels drawn at random, shared by its background and its objects, so neither brightness
+nor contrast says anything about the class and only a regular pattern and its outline
+mark an object. Grey rather than colour on purpose: with a colour palette per scene, a
+short self-supervised run learns to recognise each scene by its palette (which survives
+colour jitter) and nothing else; without it, texture and shape are what views of one
+scene share. Each scene is a pure function of (seed, index), so any worker can render any
+item and a run is reproducible.
 """
 
 from __future__ import annotations
@@ -61,13 +65,8 @@ class ObjectClass:
     fill: Fill
 
 
-def _gradient(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    angle = rng.uniform(0, 2 * np.pi)
-    return np.clip((u * np.cos(angle) + v * np.sin(angle) + 1) / 2, 0, 1)
-
-
 def _stripes(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return np.floor(u * rng.uniform(2.0, 3.0)) % 2
+    return np.floor(u * rng.uniform(2.5, 3.5)) % 2
 
 
 def _checker(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -76,44 +75,67 @@ def _checker(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarr
 
 
 def _dots(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    freq = rng.uniform(2.0, 3.0)
+    freq = rng.uniform(2.5, 3.5)
     return (np.hypot((u * freq) % 1 - 0.5, (v * freq) % 1 - 0.5) > 0.3).astype(np.float64)
 
 
+def _rings(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.floor(np.hypot(u, v) * rng.uniform(3.0, 4.0)) % 2
+
+
+def _spokes(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.floor(np.arctan2(v, u) * int(rng.integers(5, 8)) / np.pi) % 2
+
+
+def _grid(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    freq = rng.uniform(2.5, 3.5)
+    return (((u * freq) % 1 < 0.3) | ((v * freq) % 1 < 0.3)).astype(np.float64)
+
+
+def _waves(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2.0, 3.0) * u)
+
+
+def _zigzag(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    freq = rng.uniform(2.5, 3.5)
+    return np.floor((u + np.abs((v * freq) % 1 - 0.5)) * freq) % 2
+
+
 CLASSES = (
-    ObjectClass("disc", lambda u, v: np.hypot(u, v) <= 1, _gradient),
-    ObjectClass("square", lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.8, _gradient),
-    ObjectClass("triangle", _polygon(3), _gradient),
-    ObjectClass("ring", lambda u, v: np.abs(np.hypot(u, v) - 0.75) <= 0.25, _gradient),
-    ObjectClass("cross", _cross, _gradient),
-    ObjectClass("striped ellipse", lambda u, v: np.hypot(u, v / 0.55) <= 1, _stripes),
-    ObjectClass("checkered star", _star, _checker),
+    ObjectClass("ringed disc", lambda u, v: np.hypot(u, v) <= 1, _rings),
+    ObjectClass("checkered square", lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.8, _checker),
+    ObjectClass("striped triangle", _polygon(3), _stripes),
     ObjectClass("dotted hexagon", _polygon(6), _dots),
-    ObjectClass("crescent", _crescent, _gradient),
-    ObjectClass("striped diamond", lambda u, v: np.abs(u) + np.abs(v) / 0.6 <= 1, _stripes),
+    ObjectClass("spoked star", _star, _spokes),
+    ObjectClass("gridded cross", _cross, _grid),
+    ObjectClass("wavy ellipse", lambda u, v: np.hypot(u, v / 0.55) <= 1, _waves),
+    ObjectClass("zigzag diamond", lambda u, v: np.abs(u) + np.abs(v) / 0.6 <= 1, _zigzag),
+    ObjectClass("striped crescent", _crescent, _stripes),
+    ObjectClass("checkered ring", lambda u, v: np.abs(np.hypot(u, v) - 0.75) <= 0.25, _checker),
 )
 
 
-def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Two uniformly random colours at least 80 levels apart in every channel (mod 256), so
-    textures stay visible while each colour alone is still uniform over the cube."""
-    first = rng.integers(0, 256, 3)
-    return first.astype(np.float64), ((first + rng.integers(80, 177, 3)) % 256).astype(np.float64)
+def _two_greys(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two grey levels at least 80 apart (mod 256), so textures stay visible while each
+    level alone is still uniform over [0, 255]."""
+    first = rng.integers(0, 256)
+    second = (first + rng.integers(80, 177)) % 256
+    return np.full(3, first, dtype=np.float64), np.full(3, second, dtype=np.float64)
 
 
 def _blend(weight: np.ndarray, colours: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return colours[0] + weight[..., None] * (colours[1] - colours[0])
 
 
-def _smooth_noise(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Low-frequency colour noise: a coarse random grid, bilinearly upsampled."""
+def _smooth_weights(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a coarse random grid, bilinearly upsampled."""
     cells = int(rng.integers(3, 8))
-    grid = rng.integers(0, 256, (cells, cells, 3)).astype(np.float64)
+    grid = rng.uniform(0, 1, (cells, cells))
     pos = np.linspace(0, cells - 1, size)
     low = np.minimum(pos.astype(int), cells - 2)
-    frac = (pos - low)[:, None, None]
-    rows = grid[low] * (1 - frac) + grid[low + 1] * frac
-    return rows[:, low] * (1 - frac[None, :, :, 0]) + rows[:, low + 1] * frac[None, :, :, 0]
+    frac = pos - low
+    rows = grid[low] * (1 - frac[:, None]) + grid[low + 1] * frac[:, None]
+    return rows[:, low] * (1 - frac) + rows[:, low + 1] * frac
 
 
 @dataclass
@@ -147,7 +169,7 @@ class SyntheticScenes(Dataset):
         seed: int = 0,
         num_classes: int = 8,
         transform: Callable[[Tensor], Any] | None = None,
-        max_objects: int = 3,
+        max_objects: int = 4,
     ) -> None:
         if not 2 <= num_classes <= len(CLASSES):
             raise ValueError(f"num_classes must be in [2, {len(CLASSES)}], got {num_classes}")
@@ -179,29 +201,33 @@ class SyntheticScenes(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} scenes")
         rng = np.random.default_rng([self.seed, index])
-        canvas = self._background(rng)
+        palette = _two_greys(rng)
+        canvas = self._background(rng, palette)
         instances = np.zeros(canvas.shape[:2], dtype=np.int64)
         n_objects = int(rng.integers(1, self.max_objects + 1))
         labels = rng.integers(0, len(self.classes), n_objects)
         for k, label in enumerate(labels):
-            self._draw(canvas, instances, k + 1, self.classes[label], rng)
+            colours = palette[:: rng.choice((-1, 1))]
+            self._draw(canvas, instances, k + 1, self.classes[label], colours, rng)
         canvas += rng.normal(0, 4, canvas.shape)
         label_map = np.concatenate([[0], labels + 1])[instances]
         visible = np.bincount(instances.ravel(), minlength=n_objects + 1)[1:]
         image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
         return Scene(image, label_map, instances, int(labels[np.argmax(visible)]))
 
-    def _background(self, rng: np.random.Generator) -> np.ndarray:
-        kind = rng.integers(0, 3)
-        if kind == 0:
-            return _smooth_noise(rng, self.image_size)
-        angle = rng.uniform(0, 2 * np.pi)
-        along = (self._x * np.cos(angle) + self._y * np.sin(angle)) / self.image_size
-        if kind == 1:
-            weight = np.clip(along + 0.5 - along.mean(), 0, 1)
+    def _background(
+        self, rng: np.random.Generator, palette: tuple[np.ndarray, np.ndarray]
+    ) -> np.ndarray:
+        """Aperiodic textures (colour blobs or a gradient, with grain) in the scene's
+        colours, so that only a regular pattern and its outline mark an object."""
+        if rng.integers(0, 2) == 0:
+            weight = _smooth_weights(rng, self.image_size)
         else:
-            weight = 0.5 + 0.5 * np.sin(2 * np.pi * along * rng.uniform(3, 8))
-        return _blend(weight, _two_colours(rng))
+            angle = rng.uniform(0, 2 * np.pi)
+            along = (self._x * np.cos(angle) + self._y * np.sin(angle)) / self.image_size
+            weight = np.clip(along + 0.5 - along.mean(), 0, 1)
+        grain = rng.uniform(5, 30) * rng.standard_normal(weight.shape)
+        return _blend(weight, palette) + grain[..., None]
 
     def _draw(
         self,
@@ -209,10 +235,11 @@ class SyntheticScenes(Dataset):
         instances: np.ndarray,
         instance_id: int,
         object_class: ObjectClass,
+        palette: tuple[np.ndarray, np.ndarray],
         rng: np.random.Generator,
     ) -> None:
         """Paint one object over what is there; later objects occlude earlier ones."""
-        radius = rng.uniform(0.18, 0.38) * self.image_size
+        radius = rng.uniform(0.25, 0.45) * self.image_size
         cy, cx = rng.uniform(0.15, 0.85, 2) * self.image_size
         angle = rng.uniform(0, 2 * np.pi)
         dx, dy = self._x - cx, self._y - cy
@@ -220,7 +247,7 @@ class SyntheticScenes(Dataset):
         v = (dy * np.cos(angle) - dx * np.sin(angle)) / radius
         inside = object_class.inside(u, v)
         weight = object_class.fill(u[inside], v[inside], rng)
-        canvas[inside] = _blend(weight, _two_colours(rng))
+        canvas[inside] = _blend(weight, palette)
         instances[inside] = instance_id
 
     def segmentation_view(

@@ -177,9 +177,9 @@ class NormalizeUint8(v2.Normalize):
         return inpt.to(torch.float32).mul_(self.scale).sub_(self.offset)
 
 
-def gaussian_blur(p: float) -> v2.Transform:
+def gaussian_blur(p: float, sigma: Sequence[float] = BLUR_SIGMA) -> v2.Transform:
     """DINOv2 blurs with a fixed 9-pixel kernel whatever the crop size; only sigma varies."""
-    return v2.RandomApply([FastGaussianBlur(BLUR_KERNEL_SIZE, sigma=BLUR_SIGMA)], p=p)
+    return v2.RandomApply([FastGaussianBlur(BLUR_KERNEL_SIZE, sigma=sigma)], p=p)
 
 
 def color_distortion() -> v2.Transform:
@@ -237,20 +237,25 @@ class MultiCropAugmentation:
         local_crops_number: int = 8,
         global_crops_size: int = 224,
         local_crops_size: int = 96,
+        blur_sigma: Sequence[float] = BLUR_SIGMA,
     ) -> None:
         self.local_crops_number = local_crops_number
         self.global_geometry = random_crop_and_flip(global_crops_size, global_crops_scale)
         self.local_geometry = random_crop_and_flip(local_crops_size, local_crops_scale)
-        self.global_transform_1 = v2.Compose([color_distortion(), gaussian_blur(1.0), normalize()])
+        self.global_transform_1 = v2.Compose(
+            [color_distortion(), gaussian_blur(1.0, blur_sigma), normalize()]
+        )
         self.global_transform_2 = v2.Compose(
             [
                 color_distortion(),
-                gaussian_blur(0.1),
+                gaussian_blur(0.1, blur_sigma),
                 FastSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2),
                 normalize(),
             ]
         )
-        self.local_transform = v2.Compose([color_distortion(), gaussian_blur(0.5), normalize()])
+        self.local_transform = v2.Compose(
+            [color_distortion(), gaussian_blur(0.5, blur_sigma), normalize()]
+        )
 
     def __call__(self, image: Image.Image | Tensor) -> dict[str, list[Tensor] | tuple]:
         image = to_uint8_image(image)

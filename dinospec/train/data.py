@@ -141,6 +141,7 @@ def build_augmentation(config: Config) -> MultiCropAugmentation:
         crops.local_crops_number,
         crops.global_crops_size,
         crops.local_crops_size,
+        crops.blur_sigma,
     )
 
 

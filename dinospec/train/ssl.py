@@ -101,14 +101,15 @@ class SSLModel(nn.Module):
         """Every weighted loss term of the step (their sum is the training loss), and the
         student's global [CLS] tokens for the collapse monitor."""
         n_local = self.config.crops.local_crops_number
-        global_out, local_out = self.student.backbone(
-            [batch["collated_global_crops"], batch["collated_local_crops"]],
-            masks=[batch["collated_masks"], None],
-            is_training=True,
-        )
+        crops, masks = [batch["collated_global_crops"]], [batch["collated_masks"]]
+        if n_local:
+            crops.append(batch["collated_local_crops"])
+            masks.append(None)
+        outputs = self.student.backbone(crops, masks=masks, is_training=True)
+        global_out = outputs[0]
         student_cls = global_out["x_norm_clstoken"]
         patches = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
-        local_cls = local_out["x_norm_clstoken"]
+        local_cls = outputs[1]["x_norm_clstoken"] if n_local else student_cls[:0]
         head_inputs = [local_cls, student_cls]
         if not self.config.ibot.separate_head:
             head_inputs.append(patches)
