@@ -46,6 +46,7 @@ def pretraining_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
         "crops.global_crops_size=96",
         "crops.local_crops_size=48",
         "crops.local_crops_number=4",
+        "crops.blur_sigma=[0.1,0.9]",  # DINOv2's 2.0 px at 224 scaled to 96 px crops
         "dino.head_n_prototypes=4096",
         "dino.head_hidden_dim=512",
         "dino.head_bottleneck_dim=128",
@@ -57,6 +58,9 @@ def pretraining_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
         "teacher.warmup_teacher_temp=0.04",
         "optim.epochs=10",
         "optim.warmup_epochs=1",
+        # prototypes stay at their random init: a short run otherwise collapses to uniform
+        # targets (configs/quickstart.yaml explains why)
+        "optim.freeze_last_layer_epochs=10",
         f"train.epoch_length={max(args.iterations // 10, 1)}",
         f"train.batch_size_per_gpu={args.batch}",
         f"train.seed={args.seed}",
