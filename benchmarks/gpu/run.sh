@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run on the lent H200 (device tool, `carry: [".whl"]`, timeout_s 600), after
+# benchmarks/gpu/fetch_wheels.sh here. Installs the carried wheels and the project, then
+# runs issue 7's GPU measurements one after the other; each table lands in $OUT/*.txt.
+#   bash benchmarks/gpu/run.sh [train_step models, default s,b,l]
+set -uo pipefail
+MODELS=${1:-s,b,l}
+OUT=${OUT:-outputs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+# One model per process and per time limit, so compilation of a large model cannot take
+# the smaller models' tables with it. Dense bf16 peak of an H200 SXM: 989 TFLOP/s
+# (NVIDIA's datasheet, without sparsity).
+for model in ${MODELS//,/ }; do
+    timeout 150 python3 benchmarks/train_step.py --models "$model" --rounds 5 \
+        --peak-tflops 989 2>&1 | tee "$OUT/train_step_$model.txt"
+done
+for dtype in bf16 fp32; do
+    timeout 60 python3 benchmarks/backbone_vs_reference.py --device cuda --dtype $dtype \
+        --batch 64 --rounds 9 2>&1 | tee "$OUT/backbone_vs_timm_$dtype.txt"
+done
