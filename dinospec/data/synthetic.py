@@ -218,8 +218,8 @@ class SyntheticScenes(Dataset):
     def _background(
         self, rng: np.random.Generator, palette: tuple[np.ndarray, np.ndarray]
     ) -> np.ndarray:
-        """Aperiodic textures (colour blobs or a gradient, with grain) in the scene's
-        colours, so that only a regular pattern and its outline mark an object."""
+        """Aperiodic textures (soft blobs or a gradient, with grain) in the scene's two
+        grey levels, so that only a regular pattern and its outline mark an object."""
         if rng.integers(0, 2) == 0:
             weight = _smooth_weights(rng, self.image_size)
         else:
