@@ -3,7 +3,9 @@
 The paper promises no extra compute; FLOPs are equal by construction, so what is left to
 measure is the cost of routing tokens (slicing, concatenation, per-type affines). The two
 models run alternately so drift in machine speed hits both alike; the table reports the
-median of the per-round ratios.
+median of the per-round ratios. It also counts the operators one step dispatches (views and
+allocations left out): each is a kernel launch on a GPU, where small ones cost time out of
+proportion to their FLOPs.
 
     python benchmarks/specialize_overhead.py [--model vits14] [--batch 16] [--rounds 7]
 """
@@ -18,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinospec.config import load_config
 from dinospec.models import build_backbone
@@ -35,6 +38,36 @@ def step_seconds(model: torch.nn.Module, images: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the operators that read or write tensor data: a view (an output aliasing an
+    input, nothing written) and an allocation (`empty*`) run no kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: tuple,
+        args: tuple = (),
+        kwargs: dict | None = None,
+    ) -> object:
+        returns = func._schema.returns
+        alias = returns[0].alias_info if returns else None
+        is_view = alias is not None and not alias.is_write
+        if not is_view and not func.__name__.startswith(("empty", "new_empty")):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operators_per_step(model: torch.nn.Module, images: torch.Tensor) -> int:
+    with OperatorCount() as counter:
+        step_seconds(model, images)
+    model.zero_grad(set_to_none=True)
+    return counter.count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vits14")
@@ -50,8 +83,7 @@ def main() -> None:
     specialized = specialize_backbone(vanilla, spec)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
     models = {"vanilla": vanilla, "specialized": specialized}
-    for model in models.values():
-        step_seconds(model, images)
+    operators = {name: operators_per_step(model, images) for name, model in models.items()}
 
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
@@ -65,10 +97,11 @@ def main() -> None:
         f"alternating rounds, {args.device} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads), torch {torch.__version__}"
     )
-    print(f"{'model':<12}{'median s':>10}{'min s':>10}{'max s':>10}")
+    print(f"{'model':<12}{'median s':>10}{'min s':>10}{'max s':>10}{'operators':>11}")
     for name, values in times.items():
         print(
-            f"{name:<12}{statistics.median(values):>10.3f}{min(values):>10.3f}{max(values):>10.3f}"
+            f"{name:<12}{statistics.median(values):>10.3f}{min(values):>10.3f}"
+            f"{max(values):>10.3f}{operators[name]:>11}"
         )
     print(f"specialized / vanilla, median of per-round ratios: {statistics.median(ratios):.3f}")
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinospec.models.specialize import TokenSpecialized, apply_layer, make_linear, make_norm
-from dinospec.models.tokens import PATCH, PREFIX, Route, select_rows
+from dinospec.models.specialize import apply_layer, apply_sublayer, make_linear, make_norm
+from dinospec.models.tokens import PATCH, PREFIX, Route, join, select_rows, split
 
 
 class PatchEmbed(nn.Module):
@@ -32,6 +32,10 @@ class PatchEmbed(nn.Module):
                 f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}"
             )
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _sizes(streams: list[Tensor]) -> list[int]:
+    return [x.shape[1] for x in streams]
 
 
 class Attention(nn.Module):
@@ -59,9 +63,10 @@ class Attention(nn.Module):
         self.proj = make_linear(dim, dim, proj_bias, "proj" in specialized)
 
     def forward(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
-        """Attention over the concatenated streams; one output per stream."""
-        qkv = [apply_layer(self.qkv, x, r) for x, r in zip(streams, routes, strict=True)]
-        qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, dim=1)
+        """Attention over the joined streams; the output is joint after a shared `proj`,
+        one tensor per stream after a specialized one (see `apply_sublayer`)."""
+        sizes = _sizes(streams)
+        qkv = join(apply_sublayer(self.qkv, streams, routes, sizes))
         b, n, c3 = qkv.shape
         c = c3 // 3
         qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads)
@@ -70,14 +75,7 @@ class Attention(nn.Module):
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        out = out.reshape(b, n, c)
-        if len(streams) == 1:  # a split into one part would still cost a copy in backward
-            return [apply_layer(self.proj, out, routes[0])]
-        sizes = [x.shape[1] for x in streams]
-        if isinstance(self.proj, TokenSpecialized):
-            parts = out.split(sizes, dim=1)
-            return [apply_layer(self.proj, p, r) for p, r in zip(parts, routes, strict=True)]
-        return list(self.proj(out).split(sizes, dim=1))
+        return apply_sublayer(self.proj, [out.reshape(b, n, c)], routes, sizes)
 
 
 def _xformers_attention(qkv: Tensor) -> Tensor:
@@ -102,8 +100,11 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = make_linear(hidden, dim, bias, "ffn_out" in specialized)
 
-    def forward(self, x: Tensor, route: Route) -> Tensor:
-        return apply_layer(self.fc2, self.act(apply_layer(self.fc1, x, route)), route)
+    def forward(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
+        """Joint or per-stream output, as `Attention.forward`."""
+        sizes = _sizes(streams)
+        hidden = [self.act(h) for h in apply_sublayer(self.fc1, streams, routes, sizes)]
+        return apply_sublayer(self.fc2, hidden, routes, sizes)
 
 
 class SwiGLUFFN(nn.Module):
@@ -115,9 +116,16 @@ class SwiGLUFFN(nn.Module):
         self.w12 = make_linear(dim, 2 * hidden, bias, "ffn_in" in specialized)
         self.w3 = make_linear(hidden, dim, bias, "ffn_out" in specialized)
 
-    def forward(self, x: Tensor, route: Route) -> Tensor:
-        gate, value = apply_layer(self.w12, x, route).chunk(2, dim=-1)
-        return apply_layer(self.w3, F.silu(gate) * value, route)
+    def forward(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
+        """Joint or per-stream output, as `Attention.forward`."""
+        sizes = _sizes(streams)
+        hidden = [_swiglu(h) for h in apply_sublayer(self.w12, streams, routes, sizes)]
+        return apply_sublayer(self.w3, hidden, routes, sizes)
+
+
+def _swiglu(x: Tensor) -> Tensor:
+    gate, value = x.chunk(2, dim=-1)
+    return F.silu(gate) * value
 
 
 class LayerScale(nn.Module):
@@ -193,13 +201,11 @@ class Block(nn.Module):
 
     def attn_residual(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
         normed = [apply_layer(self.norm1, x, r) for x, r in zip(streams, routes, strict=True)]
-        return [self.ls1(out) for out in self.attn(normed, routes)]
+        return split([self.ls1(out) for out in self.attn(normed, routes)], _sizes(streams))
 
     def ffn_residual(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
-        return [
-            self.ls2(self.mlp(apply_layer(self.norm2, x, r), r))
-            for x, r in zip(streams, routes, strict=True)
-        ]
+        normed = [apply_layer(self.norm2, x, r) for x, r in zip(streams, routes, strict=True)]
+        return split([self.ls2(out) for out in self.mlp(normed, routes)], _sizes(streams))
 
     def forward_streams(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
         """The block on a sequence held as streams (see dinospec.models.tokens)."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinospec.config import SpecializeConfig, resolve_blocks
-from dinospec.models.tokens import PATCH, PREFIX, Route
+from dinospec.models.tokens import PATCH, PREFIX, Route, join, split
 
 BLOCK_SUBLAYERS = ("norm1", "qkv", "proj", "norm2", "ffn_in", "ffn_out")
 NORM_SUBLAYERS = ("norm1", "norm2")
@@ -83,6 +83,22 @@ def apply_layer(layer: nn.Module, x: Tensor, route: Route) -> Tensor:
             raise ValueError(f"{type(layer).__name__} needs a token route (None given)")
         return layer(x, route)
     return layer(x)
+
+
+def apply_sublayer(
+    layer: nn.Module, parts: list[Tensor], routes: list[Route], sizes: list[int]
+) -> list[Tensor]:
+    """A per-token sublayer on tokens held jointly (one tensor) or per stream (`sizes`
+    tokens each). A specialized layer runs once per stream, since its weights differ. A
+    shared one runs once on the joined sequence: a specialized model then computes exactly
+    its vanilla twin's GEMMs there, with no small prefix GEMMs and one weight-gradient
+    product, and joining the normalized input before QKV copies a third of what joining
+    the QKV outputs would."""
+    if len(routes) == 1:
+        return [apply_layer(layer, join(parts), routes[0])]
+    if isinstance(layer, TokenSpecialized):
+        return [layer(x, r) for x, r in zip(split(parts, sizes), routes, strict=True)]
+    return [layer(join(parts))]
 
 
 def make_norm(dim: int, specialized: bool) -> nn.LayerNorm:

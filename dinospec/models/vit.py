@@ -23,7 +23,7 @@ from dinospec.models.specialize import (
     apply_layer,
     make_norm,
 )
-from dinospec.models.tokens import PATCH, PREFIX, Route
+from dinospec.models.tokens import PATCH, PREFIX, Route, join
 
 
 class DinoVisionTransformer(nn.Module):
@@ -204,7 +204,7 @@ class DinoVisionTransformer(nn.Module):
         return [x[:, :n].contiguous(), x[:, n:].contiguous()], [PREFIX, PATCH]
 
     def _normed(self, streams: list[Tensor], routes: list[Route]) -> Tensor:
-        return _join([apply_layer(self.norm, x, r) for x, r in zip(streams, routes, strict=True)])
+        return join([apply_layer(self.norm, x, r) for x, r in zip(streams, routes, strict=True)])
 
     def _outputs(self, streams: list[Tensor], routes: list[Route], masks: Tensor | None) -> dict:
         x_norm = self._normed(streams, routes)
@@ -213,7 +213,7 @@ class DinoVisionTransformer(nn.Module):
             "x_norm_clstoken": x_norm[:, 0],
             "x_norm_regtokens": x_norm[:, 1 : r + 1],
             "x_norm_patchtokens": x_norm[:, r + 1 :],
-            "x_prenorm": _join(streams),
+            "x_prenorm": join(streams),
             "masks": masks,
         }
 
@@ -254,7 +254,7 @@ class DinoVisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             streams = blk(streams, routes)
             if i in take:
-                outputs.append(self._normed(streams, routes) if norm else _join(streams))
+                outputs.append(self._normed(streams, routes) if norm else join(streams))
         return outputs
 
     def get_intermediate_layers(
@@ -282,10 +282,6 @@ class DinoVisionTransformer(nn.Module):
         if is_training:
             return ret
         return self.head(ret["x_norm_clstoken"])
-
-
-def _join(streams: list[Tensor]) -> Tensor:
-    return streams[0] if len(streams) == 1 else torch.cat(streams, dim=1)
 
 
 def build_backbone(config: ModelConfig) -> DinoVisionTransformer:
