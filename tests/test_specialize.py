@@ -1,8 +1,10 @@
-"""Token-type specialization: exact conversion, routing, independent training."""
+"""Token-type specialization: exact conversion, routing, independent training, and the
+vanilla model's matrix products wherever a layer is shared."""
 
 import pytest
 import torch
 from helpers import EVERYTHING, PAPER, randomize, tiny_vit
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinospec.config import SpecializeConfig
 from dinospec.models import TokenTypes
@@ -182,3 +184,40 @@ def test_dinov2_style_block_loop_on_specialized_model():
             tokens = blk(tokens)
         expected = model.forward_features(x)["x_prenorm"]
     assert torch.equal(tokens, expected)
+
+
+class MatmulShapes(TorchDispatchMode):
+    """The operand shapes of every matrix product dispatched, forward and backward."""
+
+    PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.PRODUCTS:
+            self.shapes.append(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+def _matmuls(model, images):
+    with MatmulShapes() as spy:
+        out = model(images, is_training=True)
+        (out["x_norm_clstoken"].sum() + out["x_norm_patchtokens"].square().sum()).backward()
+    return sorted(spy.shapes)
+
+
+@pytest.mark.parametrize("ffn_layer", ["mlp", "swiglufused"])
+def test_shared_layers_run_the_vanilla_model_matrix_products(ffn_layer):
+    """With only the norms specialized every linear layer is shared, and a specialized model
+    must then run exactly its vanilla twin's matrix products (same number, same shapes):
+    the streams are joined before a shared layer, not sent through it one by one, which
+    would add a small product per stream and layer in the forward and two in the backward."""
+    norms_only = SpecializeConfig(norm1_blocks="all", norm2_blocks="all", final_norm=True)
+    images = torch.randn(4, 3, 32, 32)
+    vanilla = randomize(tiny_vit(ffn_layer=ffn_layer))
+    specialized = randomize(tiny_vit(norms_only, ffn_layer=ffn_layer))
+    expected = _matmuls(vanilla, images)
+    assert len(expected) == 3 * 4 * 3  # per block: qkv, proj, fc1, fc2; x (forward, 2 grads)
+    assert _matmuls(specialized, images) == expected
