@@ -59,6 +59,7 @@ def test_metrics_and_exports(tmp_path, capsys):
     }
     assert keys <= metrics[0].keys()
     assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(m["loss_window_mean"] == m["loss"] for m in metrics)  # log_every=1
     assert metrics[0]["lr"] == 0.0 and metrics[-1]["lr"] > 0
     out = capsys.readouterr().out
     assert "it 4/4 loss" in out and "img/s" in out and "eta" in out
@@ -69,6 +70,18 @@ def test_metrics_and_exports(tmp_path, capsys):
     teacher = load_backbone(run_dir / "teacher_backbone.pth", num_heads=4)
     assert teacher.blocks[0].attn.qkv.prefix_weight.shape == (96, 32)
     assert (run_dir / "config.yaml").is_file()
+
+
+def test_logged_mean_loss_covers_the_iterations_since_the_last_line(tmp_path, capsys):
+    every = train(tiny_config(tmp_path / "every", "train.max_iterations=6"))
+    sparse = train(tiny_config(tmp_path / "sparse", "train.max_iterations=6", "train.log_every=3"))
+    losses = [m["loss"] for m in read_metrics(every)]
+    logged = read_metrics(sparse)
+    assert [m["iteration"] for m in logged] == [3, 6]
+    for record, window in zip(logged, (losses[:3], losses[3:]), strict=True):
+        assert record["loss"] == window[-1]
+        assert record["loss_window_mean"] == pytest.approx(sum(window) / 3, rel=1e-12)
+    assert "mean of last 3" in capsys.readouterr().out
 
 
 def test_teacher_gets_no_gradients_and_follows_ema(tmp_path):

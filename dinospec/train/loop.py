@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import resource
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -101,6 +102,17 @@ class StepResult:
     losses: dict[str, float]
     monitor: dict[str, float]
     nonfinite: list[str]
+
+
+@dataclass
+class LogWindow:
+    """What the iterations since the last log line add up to. A single step's loss comes
+    from one batch and jumps from step to step; the mean over the window shows the trend."""
+
+    start: float = field(default_factory=time.perf_counter)
+    iterations: int = 0
+    data_time: float = 0.0
+    losses: list[float] = field(default_factory=list)
 
 
 class Trainer:
@@ -221,26 +233,26 @@ class Trainer:
     def _loop(self, loader: Iterator[dict[str, Any]], start: int) -> None:
         cfg = self.config.train
         last_checkpoint: Path | None = None
-        window_start, data_time, window_iters = time.perf_counter(), 0.0, 0
+        window = LogWindow()
         for iteration in range(start, self.stop):
             values = self.schedules.at(iteration)
             apply_schedule_values(self.optimizer, values)
             torch.manual_seed(derived_seed(cfg.seed, iteration, self.info.rank))
             t0 = time.perf_counter()
             batch = to_device(next(loader), self.info.device)
-            data_time += time.perf_counter() - t0
+            window.data_time += time.perf_counter() - t0
             if batch["step"] != iteration:
                 raise RuntimeError(f"data stream at step {batch['step']}, training at {iteration}")
             result = self.step(batch, values)
-            window_iters += 1
+            window.iterations += 1
             if result.nonfinite:
                 self._handle_nonfinite(iteration, result.nonfinite, last_checkpoint)
                 continue
+            window.losses.append(sum(result.losses.values()))
             done = iteration + 1
             if done % cfg.log_every == 0 or done == self.stop:
-                elapsed = time.perf_counter() - window_start
-                self._write_metrics(done, result, values, elapsed, data_time, window_iters)
-                window_start, data_time, window_iters = time.perf_counter(), 0.0, 0
+                self._write_metrics(done, result, values, window)
+                window = LogWindow()
             if done % cfg.checkpoint_every == 0 or done == self.stop:
                 last_checkpoint = self.checkpoint(done)
 
@@ -262,12 +274,11 @@ class Trainer:
         iteration: int,
         result: StepResult,
         values: dict[str, float],
-        elapsed: float,
-        data_time: float,
-        iters: int,
+        window: LogWindow,
     ) -> None:
         losses, monitor = result.losses, result.monitor
-        per_iter = elapsed / max(iters, 1)
+        iters = max(window.iterations, 1)
+        per_iter = (time.perf_counter() - window.start) / iters
         if self.info.device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -275,11 +286,12 @@ class Trainer:
         record = {
             "iteration": iteration,
             "loss": sum(losses.values()),
+            "loss_window_mean": statistics.fmean(window.losses),
             **{f"loss_{k}": v for k, v in losses.items()},
             **{k: values[k] for k in ("lr", "wd", "momentum", "teacher_temp")},
             **monitor,
             "images_per_s": self.global_batch / per_iter,
-            "data_time_s": data_time / max(iters, 1),
+            "data_time_s": window.data_time / iters,
             "iter_time_s": per_iter,
             "peak_memory_mb": peak_mb,
             "eta_s": per_iter * (self.stop - iteration),
@@ -290,7 +302,8 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
         self._log(
-            f"it {iteration}/{self.stop} loss {record['loss']:.4f} ({terms}) lr {values['lr']:.2e} "
+            f"it {iteration}/{self.stop} loss {record['loss']:.4f} ({terms}) mean of last "
+            f"{len(window.losses)} {record['loss_window_mean']:.4f} lr {values['lr']:.2e} "
             f"wd {values['wd']:.3f} mom {values['momentum']:.4f} T {values['teacher_temp']:.3f} "
             f"| {record['images_per_s']:.1f} img/s data {record['data_time_s']:.3f}s "
             f"mem {peak_mb:.0f}MB eta {_duration(record['eta_s'])}"
