@@ -38,6 +38,7 @@ STAGE_COLOURS = {"input": "tab:blue", "normalized": "tab:green", "output": "tab:
 STAGE_LINES = {"input": "-", "normalized": "--", "output": "-"}
 METRIC_TITLES = {
     "loss": "total loss",
+    "loss_window_mean": "total loss, mean since the previous log line",
     "loss_dino_global": "DINO loss, global crops",
     "loss_dino_local": "DINO loss, local crops",
     "loss_koleo": "KoLeo loss",
