@@ -13,7 +13,9 @@ from train_helpers import read_metrics, run_cli, tiny_config
 from dinospec.config import ConfigError
 from dinospec.models.checkpoints import load_backbone
 from dinospec.train.checkpoint import list_checkpoints
+from dinospec.train.data import build_loader
 from dinospec.train.loop import NonFiniteLossError, Trainer, train
+from dinospec.train.optim import apply_schedule_values
 
 
 def _losses(run_dir):
@@ -104,6 +106,30 @@ def test_nonfinite_loss_skips_then_stops_naming_the_term(tmp_path, monkeypatch, 
         train(config)
     assert capsys.readouterr().out.count("non-finite loss term(s) ['koleo']; update skipped") == 3
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_skipped_step_changes_nothing(tmp_path, monkeypatch):
+    """The backward pass runs before the finiteness check (one wait for the device per
+    step); a skipped step must still leave weights, optimizer state and centers as they
+    were, with no gradients or center update left behind."""
+    from dinospec.losses import KoLeoLoss
+
+    trainer = Trainer(tiny_config(tmp_path / "run"))
+    batch = next(build_loader(trainer.config, trainer.images, 0, 1, 0))
+    values = trainer.schedules.at(6)
+    apply_schedule_values(trainer.optimizer, values)
+    assert not trainer.step(batch, values).nonfinite
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    state = trainer.optimizer.state
+    moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in state.items()}
+    monkeypatch.setattr(KoLeoLoss, "forward", lambda self, x, eps=1e-8: x.sum() * float("nan"))
+    assert trainer.step(batch, values).nonfinite == ["koleo"]
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in trainer.model.parameters())
+    for p, state in trainer.optimizer.state.items():
+        assert all(torch.equal(v, moments[id(p)][k]) for k, v in state.items())
+    assert trainer.model.dino_loss._pending is None and trainer.model.ibot_loss._pending is None
 
 
 def test_missing_dataset_fails_before_the_model_is_built(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -100,7 +101,7 @@ def _restore(model: SSLModel, optimizer: torch.optim.Optimizer, state: dict) -> 
 @dataclass
 class StepResult:
     losses: dict[str, float]
-    monitor: dict[str, float]
+    monitor: dict[str, Tensor]  # on the device: read only when logged
     nonfinite: list[str]
 
 
@@ -189,26 +190,25 @@ class Trainer:
 
     def step(self, batch: dict[str, Any], values: dict[str, float]) -> StepResult:
         """One optimization step. A non-finite loss term skips the update on every rank
-        (the flag is reduced), before anything (weights, centers) has changed."""
-        model = self.model
-        device = self.info.device
-        dtype = self.autocast_dtype
+        (the flag is reduced), before anything (weights, centers) has changed.
+
+        The host waits for the device once per step, after the backward pass is queued
+        (the finiteness flags and the logged loss terms travel together), so the GPU is not
+        left idle between forward and backward; the collapse monitor stays on the device
+        until a log line needs it."""
+        model, device, dtype = self.model, self.info.device, self.autocast_dtype
         with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
             targets = model.teacher_targets(batch, values["teacher_temp"])
             terms, student_cls = model.losses(batch, targets)
-        finite = torch.tensor(
-            [float(torch.isfinite(v).all()) for v in terms.values()], device=device
-        )
-        if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        losses = {k: float(all_reduce_mean(v.detach().float())) for k, v in terms.items()}
-        bad = [name for name, ok in zip(terms, finite.tolist(), strict=True) if not ok]
+        self.optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        finite, means = _reduced_flags_and_means(list(terms.values()))
+        losses = dict(zip(terms, means, strict=True))
+        bad = [name for name, ok in zip(terms, finite, strict=True) if not ok]
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(losses, {}, bad)
         model.update_centers(targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        sum(terms.values()).backward()
         for module in model.student.values():
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.optim.clip_grad)
         self.optimizer.step()
@@ -276,7 +276,8 @@ class Trainer:
         values: dict[str, float],
         window: LogWindow,
     ) -> None:
-        losses, monitor = result.losses, result.monitor
+        losses = result.losses
+        monitor = {k: float(v) for k, v in result.monitor.items()}
         iters = max(window.iterations, 1)
         per_iter = (time.perf_counter() - window.start) / iters
         if self.info.device.type == "cuda":
@@ -327,6 +328,17 @@ class Trainer:
                 f"WARNING it {iteration}: teacher targets nearly uniform (normalized entropy "
                 f"{entropy:.4f}): the run is collapsing to a constant output"
             )
+
+
+def _reduced_flags_and_means(terms: list[Tensor]) -> tuple[list[bool], list[float]]:
+    """Whether each loss term is finite on every rank, and its mean over ranks, with one
+    collective each and a single wait for the device."""
+    finite = torch.stack([torch.isfinite(t).all() for t in terms]).float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    means = all_reduce_mean(torch.stack([t.detach().float() for t in terms]))
+    both = torch.cat([finite, means]).tolist()
+    return [flag == 1.0 for flag in both[: len(terms)]], both[len(terms) :]
 
 
 def _duration(seconds: float) -> str:

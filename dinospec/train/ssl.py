@@ -143,7 +143,7 @@ class SSLModel(nn.Module):
         return terms, student_cls.detach()
 
     @torch.no_grad()
-    def monitor(self, batch_targets: dict[str, Any], student_cls: Tensor) -> dict[str, float]:
+    def monitor(self, batch_targets: dict[str, Any], student_cls: Tensor) -> dict[str, Tensor]:
         """Collapse indicators: entropy of the teacher's targets over log K (near 0: one
         prototype wins; near 1: targets uniform) and the per-dimension spread of the
         normalized student [CLS] times sqrt(dim) (about 1 when spread, 0 when collapsed)."""
@@ -151,6 +151,6 @@ class SSLModel(nn.Module):
         entropy = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
         unit = F.normalize(student_cls.float(), dim=-1)
         return {
-            "teacher_entropy": float(entropy / math.log(targets.shape[-1])),
-            "student_cls_std": float(unit.std(0).mean() * unit.shape[-1] ** 0.5),
+            "teacher_entropy": entropy / math.log(targets.shape[-1]),
+            "student_cls_std": unit.std(0).mean() * unit.shape[-1] ** 0.5,
         }
