@@ -2,8 +2,9 @@
 every rank.
 
 A signal handler can run in the middle of a collective, so it only records the signal.
-Before each step the ranks agree on what was received (one scalar all-reduce), write a
-checkpoint together if the newest one is older, and leave the loop. Preemption and time
+Before each step the ranks agree on what was received (one scalar all-reduce over a CPU
+group, so the check waits for no GPU work), write a checkpoint together if the newest one
+is older, and leave the loop. Preemption and time
 limits (SIGUSR2, sent by SLURM `--signal` before the kill, and at preemption when the
 cluster sets `preempt_send_user_signal`) then requeue the job through submitit; SIGTERM
 (scancel, `scontrol requeue`, preemption without the user signal) only stops, since SLURM
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dinospec.config import Config
-from dinospec.train.loop import StepResult, Trainer
+from dinospec.train.loop import Trainer
 
 STOP = 1
 REQUEUE = 2
@@ -46,6 +47,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.action = 0
         self.previous: dict[int, Handler | int | None] = {}
+        self._cpu_group: dist.ProcessGroup | None = None
 
     def install(self, signals: Iterable[signal.Signals] = tuple(ACTIONS)) -> None:
         """Record the signals instead of the current handlers, which are kept: submitit's
@@ -57,12 +59,17 @@ class StopRequest:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.action = max(self.action, ACTIONS.get(signal.Signals(signum), STOP))
 
-    def agreed(self, device: torch.device) -> int:
-        """The action every rank takes: the strongest one any rank received."""
+    def agreed(self) -> int:
+        """The action every rank takes: the strongest one any rank received. The flag goes
+        through a gloo group on the CPU: over NCCL, reading it back would wait for all the
+        GPU work queued so far, once per step. Every rank calls this at the same iteration,
+        so the group is created collectively on the first call."""
         if not (dist.is_available() and dist.is_initialized()):
             return self.action
-        flag = torch.tensor([self.action], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self._cpu_group is None:
+            self._cpu_group = dist.new_group(backend="gloo")
+        flag = torch.tensor([self.action])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
         return int(flag.item())
 
     def chain(self, signum: signal.Signals) -> None:
@@ -89,14 +96,11 @@ class PreemptibleTrainer(Trainer):
         self.saved_iteration = iteration
         return path
 
-    def step(self, batch: dict[str, Any], values: dict[str, float]) -> StepResult:
-        """Before the step of iteration i, the state is the one a periodic checkpoint at i
-        holds (schedules and random streams are derived from i), so resuming from it is
-        exact."""
-        action = self.stop_request.agreed(self.info.device)
+    def before_step(self, iteration: int) -> None:
+        """The state before iteration i's step is the one a periodic checkpoint at i holds
+        (schedules and random streams are derived from i), so resuming from it is exact."""
+        action = self.stop_request.agreed()
         if action:
-            iteration = int(batch["step"])
             if self.saved_iteration != iteration:
                 self.checkpoint(iteration)
             raise Interrupted(iteration, action)
-        return super().step(batch, values)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from train_helpers import read_metrics, tiny_config
 
 from dinospec.config import config_to_yaml
@@ -19,7 +21,7 @@ from dinospec.train.loop import train
 from launch import local, submit
 from launch.cli import LaunchError, split_job_type
 from launch.jobs import JOB_TYPES, TrainJobType, data_path_problems
-from launch.preemption import PreemptibleTrainer
+from launch.preemption import REQUEUE, PreemptibleTrainer, StopRequest
 from launch.rundir import read_job_file, record_submission, resume_message
 from launch.train_job import TrainJob
 
@@ -284,6 +286,30 @@ def test_signal_checkpoints_between_iterations_and_resume_is_exact(
     a = load_backbone(straight / "teacher_backbone.safetensors").state_dict()
     b = load_backbone(tmp_path / "resumed" / "teacher_backbone.safetensors").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _agreement_worker(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        stop = StopRequest()
+        seen = [stop.agreed()]
+        if rank == 1:
+            stop._record(signal.SIGUSR2, None)
+        seen.append(stop.agreed())
+        if rank == 0:
+            stop._record(signal.SIGTERM, None)
+        seen.append(stop.agreed())
+        Path(out, str(rank)).write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_strongest_signal_any_of_them_received(tmp_path):
+    """Only rank 1 gets SIGUSR2: both leave to requeue; rank 0's later SIGTERM (a plain
+    stop) does not weaken that. The flag travels over the CPU group, not the GPU's."""
+    mp.spawn(_agreement_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / str(rank)).read_text()) == [0, REQUEUE, REQUEUE]
 
 
 @pytest.mark.slow

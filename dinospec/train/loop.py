@@ -235,6 +235,7 @@ class Trainer:
         last_checkpoint: Path | None = None
         window = LogWindow()
         for iteration in range(start, self.stop):
+            self.before_step(iteration)
             values = self.schedules.at(iteration)
             apply_schedule_values(self.optimizer, values)
             torch.manual_seed(derived_seed(cfg.seed, iteration, self.info.rank))
@@ -255,6 +256,11 @@ class Trainer:
                 window = LogWindow()
             if done % cfg.checkpoint_every == 0 or done == self.stop:
                 last_checkpoint = self.checkpoint(done)
+
+    def before_step(self, iteration: int) -> None:
+        """Called before each iteration, when the state is exactly what a checkpoint at
+        `iteration` holds; a job that must leave the loop (a preemption signal) raises
+        here. Plain runs have nothing to do."""
 
     def _handle_nonfinite(self, iteration: int, names: list[str], last: Path | None) -> None:
         self.progress.skipped += 1
