@@ -1,8 +1,10 @@
 """End-to-end training runs on a tiny model: exact resume, distributed equivalence,
 non-finite losses, bad data and checkpoints."""
 
+import json
 import math
 import os
+import shutil
 import socket
 
 import pytest
@@ -37,6 +39,22 @@ def test_resume_is_bit_exact(tmp_path):
     a = load_backbone(straight / "teacher_backbone.safetensors").state_dict()
     b = load_backbone(resumed / "teacher_backbone.safetensors").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_killed_between_checkpoints_logs_each_iteration_once(tmp_path, caplog):
+    """Killed after logging iteration 5 (half-way through a last line) but before its
+    checkpoint: the next run resumes at 4 and its metrics read as one straight run."""
+    straight = train(tiny_config(tmp_path / "straight", "train.max_iterations=6"))
+    run_dir = tmp_path / "killed"
+    train(tiny_config(run_dir, "train.max_iterations=5"))
+    shutil.rmtree(list_checkpoints(run_dir / "checkpoints")[-1])
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 6, "lo')
+    train(tiny_config(run_dir, "train.max_iterations=6"))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert _losses(run_dir) == _losses(straight)
+    assert "metrics.jsonl:6: dropped an unreadable line" in caplog.text
 
 
 def test_metrics_and_exports(tmp_path, capsys):

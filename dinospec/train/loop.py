@@ -220,6 +220,7 @@ class Trainer:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
+            rewind_metrics(self.metrics_path, start)
         if start >= self.stop:
             self._log(f"nothing to do: run is at iteration {start}, stop is {self.stop}")
             return self.run_dir
@@ -334,6 +335,27 @@ class Trainer:
                 f"WARNING it {iteration}: teacher targets nearly uniform (normalized entropy "
                 f"{entropy:.4f}): the run is collapsing to a constant output"
             )
+
+
+def rewind_metrics(path: Path, iteration: int) -> None:
+    """Drop from a metrics file what a run resuming at `iteration` will log again (the
+    records after its checkpoint) and any line the previous process left unreadable (a
+    kill mid-write; appended to, it would sit in the middle of the file). Rewritten
+    through a temporary file, so a crash here leaves the old file whole."""
+    if not path.exists():
+        return
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: dropped an unreadable line: %.80r", path, number, line)
+            continue
+        if record["iteration"] <= iteration:
+            kept.append(line + "\n")
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(kept))
+    partial.replace(path)
 
 
 def _reduced_flags_and_means(terms: list[Tensor]) -> tuple[list[bool], list[float]]:
