@@ -63,6 +63,7 @@ def build_parser(job: JobType) -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=V1,V2",
         help="submit one job per combination of the values (a grid) as one job array; "
+        "a list value goes in brackets (KEY=[0,1],[0,1,2]); "
         "each job runs in <output dir>/<key-value_...>",
     )
     return parser
@@ -168,19 +169,45 @@ def submit(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> str:
 
 
 def sweep_points(specs: Sequence[str]) -> list[list[str]]:
-    """Every combination of `KEY=V1,V2,...` specs, as override lists."""
+    """Every combination of `KEY=V1,V2,...` specs, as override lists. A value may be a
+    list (`[0,1,2]`): commas inside brackets belong to it."""
     axes = []
     for spec in specs:
         key, sep, values = spec.partition("=")
         if not sep or not key or not values:
             raise LaunchError(f"--sweep {spec!r}: expected KEY=V1,V2,...")
-        axes.append([f"{key}={value}" for value in values.split(",")])
-    return [list(point) for point in itertools.product(*axes)]
+        axes.append([f"{key}={value}" for value in _split_values(spec, values)])
+    points = [list(point) for point in itertools.product(*axes)]
+    names = [point_name(point) for point in points]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise LaunchError(f"--sweep: points share the run directory name(s) {clashes}")
+    return points
+
+
+def _split_values(spec: str, values: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for char in values:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0:
+            raise LaunchError(f"--sweep {spec!r}: unbalanced ']'")
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth:
+        raise LaunchError(f"--sweep {spec!r}: unclosed '['")
+    parts.append("".join(current))
+    if not all(parts):
+        raise LaunchError(f"--sweep {spec!r}: empty value")
+    return parts
 
 
 def point_name(point: Sequence[str]) -> str:
-    """A directory name for one sweep point, e.g. `optim.base_lr-0.001_train.seed-1`."""
-    name = "_".join(override.replace("=", "-") for override in point)
+    """A directory name for one sweep point, e.g. `optim.base_lr-0.001_train.seed-1`; the
+    items of a list value are joined by '+' (`qkv_blocks-0+1+2`)."""
+    name = "_".join(override.replace("=", "-").replace(",", "+") for override in point)
     return re.sub(r"[^A-Za-z0-9._+-]", "", name)
 
 

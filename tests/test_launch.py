@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from train_helpers import read_metrics, tiny_config
 
-from dinospec.config import config_to_yaml
+from dinospec.config import config_to_yaml, load_config
 from dinospec.models.checkpoints import load_backbone
 from dinospec.train.checkpoint import MARKER, list_checkpoints
 from dinospec.train.loop import train
@@ -341,6 +341,22 @@ def test_sweep_points_are_the_grid_of_all_values():
     assert submit.point_name(["data.path=/a b/c"]) == "data.path-abc"
     with pytest.raises(LaunchError, match="KEY=V1,V2"):
         submit.sweep_points(["train.seed"])
+
+
+def test_sweep_values_may_be_lists():
+    points = submit.sweep_points(["model.specialize.qkv_blocks=[0,1],[0,1,2,3],all"])
+    assert points == [
+        ["model.specialize.qkv_blocks=[0,1]"],
+        ["model.specialize.qkv_blocks=[0,1,2,3]"],
+        ["model.specialize.qkv_blocks=all"],
+    ]
+    assert load_config(None, points[1]).model.specialize.qkv_blocks == [0, 1, 2, 3]
+    assert submit.point_name(points[0]) == "model.specialize.qkv_blocks-0+1"
+    for spec, problem in (("k=[0,1", "unclosed"), ("k=0]", "unbalanced"), ("k=1,,2", "empty")):
+        with pytest.raises(LaunchError, match=problem):
+            submit.sweep_points([spec])
+    with pytest.raises(LaunchError, match=r"share the run directory name\(s\) \['data.path-ab'\]"):
+        submit.sweep_points(["data.path=/a b,/ab"])
 
 
 def test_sweep_validates_every_point_then_submits_one_array(tmp_path, capsys, fake_slurm):
