@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dinospec.config import SpecializeConfig
 from dinospec.models import TokenTypes
 from dinospec.models.convert import specialize_backbone
+from dinospec.models.layers import drop_path
 from dinospec.models.specialize import SpecializedLayerNorm, SpecializedLinear
 from dinospec.models.tokens import PATCH, PREFIX
 
@@ -221,3 +222,14 @@ def test_shared_layers_run_the_vanilla_model_matrix_products(ffn_layer):
     expected = _matmuls(vanilla, images)
     assert len(expected) == 3 * 4 * 3  # per block: qkv, proj, fc1, fc2; x (forward, 2 grads)
     assert _matmuls(specialized, images) == expected
+
+
+def test_drop_path_rounds_as_dinov2():
+    """DINOv2 scales the Bernoulli mask by 1/keep and then multiplies; dividing the product
+    instead rounds differently in the last bit."""
+    x = torch.randn(16, 5, 32)
+    torch.manual_seed(0)
+    (ours,) = drop_path([x], 0.3, training=True)
+    torch.manual_seed(0)
+    mask = x.new_empty(16, 1, 1).bernoulli_(0.7)
+    assert torch.equal(ours, x * mask.div_(0.7))
