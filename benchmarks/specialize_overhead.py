@@ -3,11 +3,13 @@
 The paper promises no extra compute; FLOPs are equal by construction, so what is left to
 measure is the cost of routing tokens (slicing, concatenation, per-type affines). The two
 models run alternately so drift in machine speed hits both alike; the table reports the
-median of the per-round ratios. It also counts the operators one step dispatches (views and
-allocations left out): each is a kernel launch on a GPU, where small ones cost time out of
-proportion to their FLOPs.
+median of the per-round ratios. It also counts the kernels one step runs, since on a GPU
+small ones cost time out of proportion to their FLOPs: eager, the operators dispatched
+(views and allocations left out); with `--compile` (the blocks compiled as in training),
+the kernels the profiler sees: every GPU kernel on CUDA, and on a CPU every loop inductor
+generated plus the matrix products and attention it calls.
 
-    python benchmarks/specialize_overhead.py [--model vits14] [--batch 16] [--rounds 7]
+    python benchmarks/specialize_overhead.py [--model vits14] [--batch 16] [--rounds 7] [--compile]
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch._inductor import config as inductor_config
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinospec.config import load_config
 from dinospec.models import build_backbone
 from dinospec.models.convert import specialize_backbone
+from dinospec.train.accelerate import compile_blocks
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+# What inductor's CPU code calls instead of generating a loop.
+EXTERN_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product")
 
 
 def step_seconds(model: torch.nn.Module, images: torch.Tensor) -> float:
@@ -68,6 +76,17 @@ def operators_per_step(model: torch.nn.Module, images: torch.Tensor) -> int:
     return counter.count
 
 
+def compiled_kernels_per_step(model: torch.nn.Module, images: torch.Tensor) -> int:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if images.is_cuda else [])
+    with profile(activities=activities) as prof:
+        step_seconds(model, images)
+    model.zero_grad(set_to_none=True)
+    events = prof.events()
+    if images.is_cuda:
+        return sum(e.device_type == DeviceType.CUDA for e in events)
+    return sum("cpp_fused" in e.name or e.name.startswith(EXTERN_KERNELS) for e in events)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vits14")
@@ -75,6 +94,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="compile the blocks first")
     args = parser.parse_args()
 
     spec = load_config(CONFIGS / f"{args.model}_spec.yaml").model.specialize
@@ -83,7 +103,14 @@ def main() -> None:
     specialized = specialize_backbone(vanilla, spec)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
     models = {"vanilla": vanilla, "specialized": specialized}
-    operators = {name: operators_per_step(model, images) for name, model in models.items()}
+    count = operators_per_step
+    if args.compile:
+        inductor_config.cpp.enable_kernel_profile = True
+        for model in models.values():
+            compile_blocks(model.blocks)
+            step_seconds(model, images)
+        count = compiled_kernels_per_step
+    kernels = {name: count(model, images) for name, model in models.items()}
 
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
@@ -95,13 +122,14 @@ def main() -> None:
     print(
         f"{args.model}, batch {args.batch} x {args.img_size}px, fwd+bwd, {args.rounds} "
         f"alternating rounds, {args.device} ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads), torch {torch.__version__}"
+        f"{torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"{'compiled blocks' if args.compile else 'eager'}"
     )
-    print(f"{'model':<12}{'median s':>10}{'min s':>10}{'max s':>10}{'operators':>11}")
+    print(f"{'model':<12}{'median s':>10}{'min s':>10}{'max s':>10}{'kernels':>9}")
     for name, values in times.items():
         print(
             f"{name:<12}{statistics.median(values):>10.3f}{min(values):>10.3f}"
-            f"{max(values):>10.3f}{operators[name]:>11}"
+            f"{max(values):>10.3f}{kernels[name]:>9}"
         )
     print(f"specialized / vanilla, median of per-round ratios: {statistics.median(ratios):.3f}")
 
