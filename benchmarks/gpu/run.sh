@@ -25,3 +25,7 @@ for dtype in bf16 fp32; do
     timeout 60 python3 benchmarks/backbone_vs_reference.py --device cuda --dtype $dtype \
         --batch 64 --rounds 9 2>&1 | tee "$OUT/backbone_vs_timm_$dtype.txt"
 done
+# Last, so that if the call's 600 s run out here nothing above is lost: kernels per step of
+# the compiled blocks on CUDA, specialized against vanilla.
+timeout 60 python3 benchmarks/specialize_overhead.py --device cuda --compile --batch 64 \
+    --rounds 5 2>&1 | tee "$OUT/specialize_overhead_cuda.txt"
