@@ -4,11 +4,10 @@ every rank.
 A signal handler can run in the middle of a collective, so it only records the signal.
 Before each step the ranks agree on what was received (one scalar all-reduce over a CPU
 group, so the check waits for no GPU work), write a checkpoint together if the newest one
-is older, and leave the loop. Preemption and time
-limits (SIGUSR2, sent by SLURM `--signal` before the kill, and at preemption when the
-cluster sets `preempt_send_user_signal`) then requeue the job through submitit; SIGTERM
-(scancel, `scontrol requeue`, preemption without the user signal) only stops, since SLURM
-itself decides whether the job comes back.
+is older, and leave the loop. Preemption and time limits (SIGUSR2, sent by SLURM `--signal`
+before the kill, and at preemption when the cluster sets `preempt_send_user_signal`) then
+requeue the job through submitit; SIGTERM (scancel, `scontrol requeue`, preemption without
+the user signal) only stops, since SLURM itself decides whether the job comes back.
 """
 
 from __future__ import annotations

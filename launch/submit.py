@@ -186,19 +186,9 @@ def sweep_points(specs: Sequence[str]) -> list[list[str]]:
 
 
 def _split_values(spec: str, values: str) -> list[str]:
-    parts, depth, current = [], 0, []
-    for char in values:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if depth < 0:
-            raise LaunchError(f"--sweep {spec!r}: unbalanced ']'")
-        if char == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    if depth:
-        raise LaunchError(f"--sweep {spec!r}: unclosed '['")
-    parts.append("".join(current))
+    if values.count("[") != values.count("]"):
+        raise LaunchError(f"--sweep {spec!r}: unbalanced brackets")
+    parts = re.split(r",(?![^\[]*\])", values)
     if not all(parts):
         raise LaunchError(f"--sweep {spec!r}: empty value")
     return parts

@@ -352,7 +352,7 @@ def test_sweep_values_may_be_lists():
     ]
     assert load_config(None, points[1]).model.specialize.qkv_blocks == [0, 1, 2, 3]
     assert submit.point_name(points[0]) == "model.specialize.qkv_blocks-0+1"
-    for spec, problem in (("k=[0,1", "unclosed"), ("k=0]", "unbalanced"), ("k=1,,2", "empty")):
+    for spec, problem in (("k=[0,1", "unbalanced"), ("k=0]", "unbalanced"), ("k=1,,2", "empty")):
         with pytest.raises(LaunchError, match=problem):
             submit.sweep_points([spec])
     with pytest.raises(LaunchError, match=r"share the run directory name\(s\) \['data.path-ab'\]"):
