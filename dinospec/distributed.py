@@ -83,6 +83,7 @@ def shard_model(model: nn.Module, blocks: Iterable[nn.Module], mixed_precision: 
     rest (embeddings, final norm, heads) forms the root unit."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    _require_fsdp_on(next(model.parameters()).device)
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if mixed_precision
@@ -91,6 +92,16 @@ def shard_model(model: nn.Module, blocks: Iterable[nn.Module], mixed_precision: 
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+
+
+def _require_fsdp_on(device: torch.device) -> None:
+    """FSDP2 orders its collectives with stream events, which CPU streams gained in torch
+    2.7; on 2.6 it would fail in the first forward pass, after the model is built."""
+    if device.type == "cpu" and not hasattr(torch.cpu.current_stream(), "record_event"):
+        raise RuntimeError(
+            f"FSDP2 on a CPU needs torch >= 2.7, this is torch {torch.__version__}: "
+            "run on CUDA, or in one process with train.fsdp=false"
+        )
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

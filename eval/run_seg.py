@@ -233,8 +233,8 @@ def evaluate_segmentation(config: EvalConfig) -> dict[str, Any]:
     One process or several (torchrun / SLURM): every rank returns rank 0's results, and
     only rank 0 prints and writes files.
     """
-    with joined_ranks(config.device) as ranks:
-        return ranks.from_main(segment(config, ranks))
+    ranks = joined_ranks(config.device)
+    return ranks.from_main(segment(config, ranks))
 
 
 def segment(config: EvalConfig, ranks: Ranks) -> dict[str, Any] | None:

@@ -14,8 +14,7 @@ NCCL's watchdog would otherwise take for a hang after ten minutes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import functools
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -123,21 +122,22 @@ def _device(requested: str, info: DistInfo) -> torch.device:
     return device
 
 
-@contextmanager
-def joined_ranks(device: str) -> Iterator[Ranks]:
+def joined_ranks(device: str) -> Ranks:
     """The Ranks of this process, which joins the process group that torchrun's or SLURM's
     variables describe (if any, and unless it has joined already).
 
-    The process group is kept for the life of the process, so that a script may run
-    several jobs: ranks that left it and joined again through the same store could read
-    each other's stale addresses. Only the host group belongs to the job.
+    Both groups are kept for the life of the process, so that a script may run several
+    jobs: ranks that left the default group and joined again through the same store could
+    read each other's stale addresses, and destroying a gloo group just after a collective
+    deadlocks torch < 2.8 (its destructor waits for a worker thread that needs the GIL;
+    pytorch/pytorch#154976).
     """
     info = init_distributed(device)
-    host_group = None
-    if info.world_size > 1:
-        host_group = dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)
-    try:
-        yield Ranks(info.rank, info.world_size, _device(device, info), host_group)
-    finally:
-        if host_group is not None:
-            dist.destroy_process_group(host_group)
+    host_group = _host_group(dist.group.WORLD) if info.world_size > 1 else None
+    return Ranks(info.rank, info.world_size, _device(device, info), host_group)
+
+
+@functools.cache
+def _host_group(world: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A gloo group over `world`'s ranks, made once per default group."""
+    return dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)

@@ -62,6 +62,14 @@ def checkpoint_blocks(blocks: Iterable[nn.Module]) -> None:
         block.forward = functools.partial(_checkpointed, block.forward)
 
 
+def _raise_recompile_limit(limit: int) -> None:
+    """Let dynamo keep `limit` graphs per function; torch 2.6 names the setting
+    `cache_size_limit`, later versions keep that name only as an alias."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor") -> None:
     """Compile the two residual branches (norm, attention or FFN, LayerScale) of each block.
 
@@ -70,9 +78,7 @@ def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor") -> No
     one graph per block (ViT-S/B have twelve different rates) instead of one per block
     structure. Shapes are static: each crop size gets its own graph, tuned for it.
     """
-    torch._dynamo.config.recompile_limit = max(
-        torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
-    )
+    _raise_recompile_limit(RECOMPILE_LIMIT)
     for block in blocks:
         for name in ("attn_residual", "ffn_residual"):
             setattr(
