@@ -6,10 +6,12 @@ of GPUs under SLURM: only the environment differs.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -102,6 +104,20 @@ def _require_fsdp_on(device: torch.device) -> None:
             f"FSDP2 on a CPU needs torch >= 2.7, this is torch {torch.__version__}: "
             "run on CUDA, or in one process with train.fsdp=false"
         )
+
+
+def host_group(timeout: timedelta | None = None) -> dist.ProcessGroup:
+    """A gloo group over all ranks for collectives on host tensors, which over NCCL would
+    first wait for every queued GPU kernel. Made on first use (every rank must reach it
+    together) and kept for the life of the process, like the default group: destroying a
+    gloo group just after a collective deadlocks torch < 2.8 (its destructor waits for a
+    worker thread that needs the GIL; pytorch/pytorch#154976)."""
+    return _host_group(dist.group.WORLD, timeout)
+
+
+@functools.cache
+def _host_group(world: dist.ProcessGroup, timeout: timedelta | None) -> dist.ProcessGroup:
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ NCCL's watchdog would otherwise take for a hang after ten minutes.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 from dinospec.config import ConfigError
-from dinospec.distributed import DistInfo, init_distributed
+from dinospec.distributed import DistInfo, host_group, init_distributed
 
 HOST_TIMEOUT = timedelta(hours=24)
 """How long ranks may wait for rank 0's probe training; a crashed rank 0 still fails them
@@ -128,16 +127,8 @@ def joined_ranks(device: str) -> Ranks:
 
     Both groups are kept for the life of the process, so that a script may run several
     jobs: ranks that left the default group and joined again through the same store could
-    read each other's stale addresses, and destroying a gloo group just after a collective
-    deadlocks torch < 2.8 (its destructor waits for a worker thread that needs the GIL;
-    pytorch/pytorch#154976).
+    read each other's stale addresses.
     """
     info = init_distributed(device)
-    host_group = _host_group(dist.group.WORLD) if info.world_size > 1 else None
-    return Ranks(info.rank, info.world_size, _device(device, info), host_group)
-
-
-@functools.cache
-def _host_group(world: dist.ProcessGroup) -> dist.ProcessGroup:
-    """A gloo group over `world`'s ranks, made once per default group."""
-    return dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)
+    group = host_group(HOST_TIMEOUT) if info.world_size > 1 else None
+    return Ranks(info.rank, info.world_size, _device(device, info), group)

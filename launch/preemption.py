@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dinospec.config import Config
+from dinospec.distributed import host_group
 from dinospec.train.loop import Trainer
 
 STOP = 1
@@ -46,7 +47,6 @@ class StopRequest:
     def __init__(self) -> None:
         self.action = 0
         self.previous: dict[int, Handler | int | None] = {}
-        self._cpu_group: dist.ProcessGroup | None = None
 
     def install(self, signals: Iterable[signal.Signals] = tuple(ACTIONS)) -> None:
         """Record the signals instead of the current handlers, which are kept: submitit's
@@ -65,10 +65,8 @@ class StopRequest:
         so the group is created collectively on the first call."""
         if not (dist.is_available() and dist.is_initialized()):
             return self.action
-        if self._cpu_group is None:
-            self._cpu_group = dist.new_group(backend="gloo")
         flag = torch.tensor([self.action])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
         return int(flag.item())
 
     def chain(self, signum: signal.Signals) -> None:
