@@ -1,12 +1,13 @@
 """Data pipeline throughput: multi-crop images/s per worker, ours against a PIL reference.
 
-Ours is the training path itself (the dataset and augmentation that build_loader uses);
-the reference is DINOv2's augmentation written with torchvision.transforms (v1) on PIL
-images, with the SPEC's probabilities. Both run in this process on one thread, as each
-DataLoader worker does, on the same real JPEGs. They alternate in rounds, so a neighbour
-loading the machine slows both alike, and the ratio reported is the median over rounds.
-On a shared machine `--clock cpu` counts only this process's CPU time, which is what a
-worker with a core to itself would take.
+Ours is the training path itself (the dataset and augmentation that build_loader uses),
+which ends at uint8 crops: the training step standardizes them on the device after the
+copy. The reference is DINOv2's augmentation written with torchvision.transforms (v1) on
+PIL images, with the SPEC's probabilities, ending at standardized float tensors. Both run
+in this process on one thread, as each DataLoader worker does, on the same real JPEGs.
+They alternate in rounds, so a neighbour loading the machine slows both alike, and the
+ratio reported is the median over rounds. On a shared machine `--clock cpu` counts only
+this process's CPU time, which is what a worker with a core to itself would take.
 
     python benchmarks/data_pipeline.py --images 200 --rounds 5
     python benchmarks/data_pipeline.py --workers 2   # also the DataLoader with 2 workers

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import PAPER, randomize, tiny_vit
-from train_helpers import read_metrics, run_cli, tiny_config
+from train_helpers import first_batch, read_metrics, run_cli, tiny_config
 
 from dinospec.config import ConfigError
 from dinospec.distributed import shard_model
@@ -16,7 +16,6 @@ from dinospec.train.accelerate import (
     compile_blocks,
     compile_enabled,
 )
-from dinospec.train.data import build_loader
 from dinospec.train.loop import Trainer, train
 from dinospec.train.optim import apply_schedule_values
 
@@ -27,7 +26,7 @@ def _one_step(tmp_path, *overrides):
     """Loss terms and gradients of one full training step (teacher, losses, backward,
     clipping, AdamW, EMA) after the lr warm-up, with a fixed seed for stochastic depth."""
     trainer = Trainer(tiny_config(tmp_path, *overrides))
-    batch = next(build_loader(trainer.config, trainer.images, 0, 1, 0))
+    batch = first_batch(trainer)
     values = trainer.schedules.at(6)
     apply_schedule_values(trainer.optimizer, values)
     torch.manual_seed(1)

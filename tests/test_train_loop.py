@@ -10,12 +10,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_helpers import read_metrics, run_cli, tiny_config
+from train_helpers import first_batch, read_metrics, run_cli, tiny_config
 
 from dinospec.config import ConfigError
 from dinospec.models.checkpoints import load_backbone
 from dinospec.train.checkpoint import list_checkpoints
-from dinospec.train.data import build_loader
 from dinospec.train.loop import NonFiniteLossError, Trainer, train
 from dinospec.train.optim import apply_schedule_values
 
@@ -133,7 +132,7 @@ def test_a_skipped_step_changes_nothing(tmp_path, monkeypatch):
     from dinospec.losses import KoLeoLoss
 
     trainer = Trainer(tiny_config(tmp_path / "run"))
-    batch = next(build_loader(trainer.config, trainer.images, 0, 1, 0))
+    batch = first_batch(trainer)
     values = trainer.schedules.at(6)
     apply_schedule_values(trainer.optimizer, values)
     assert not trainer.step(batch, values).nonfinite

@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from dinospec.config import Config, load_config
+from dinospec.train.data import build_loader, to_device
 
 TINY = [
     "model.img_size=32",
@@ -45,6 +47,12 @@ TINY = [
 
 def tiny_config(output_dir: Path, *overrides: str) -> Config:
     return load_config(None, [*TINY, f"train.output_dir={output_dir}", *overrides])
+
+
+def first_batch(trainer: Any) -> dict[str, Any]:
+    """The first batch of a Trainer's data stream, on its device, as its loop hands it over."""
+    loader = build_loader(trainer.config, trainer.images, 0, 1, 0)
+    return to_device(next(loader), trainer.info.device)
 
 
 def run_cli(

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.nn import functional as nn_functional
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
@@ -34,6 +35,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BLUR_KERNEL_SIZE = 9
 BLUR_SIGMA = (0.1, 2.0)
+# Blur tiles of at least this many rows (and columns): the fastest of 8-28 on a CPU at 96,
+# 98 and 224 px.
+BLUR_TILE_MIN = 16
 SOLARIZE_THRESHOLD = 128
 UINT8_MAX = 255.0
 # torchvision's float -> uint8 conversion scales by 256 - eps and truncates; kept so the
@@ -48,37 +52,46 @@ def gaussian_kernel1d(sigma: float, size: int = BLUR_KERNEL_SIZE) -> Tensor:
     return torch.softmax(-(offsets**2) / (2.0 * sigma**2), dim=0)
 
 
-@functools.lru_cache(maxsize=16)
-def _band_indices(size: int, radius: int) -> tuple[Tensor, Tensor]:
-    """Row and column of each tap of a reflect-padded 1-D correlation, as a size x size map."""
-    rows = torch.arange(size).repeat_interleave(2 * radius + 1)
-    cols = (rows + torch.arange(-radius, radius + 1).repeat(size)).abs()
-    cols = torch.minimum(cols, 2 * (size - 1) - cols)
-    return rows, cols
+def _tile_side(size: int) -> int:
+    """The smallest divisor of `size` of at least BLUR_TILE_MIN pixels (the whole side when
+    there is none, e.g. a prime side)."""
+    return next((d for d in range(BLUR_TILE_MIN, size) if size % d == 0), size)
 
 
-def reflect_band_matrix(weights: Tensor, size: int) -> Tensor:
-    """M with M @ x equal to correlating x (along its first axis) with weights under
-    'reflect' padding. Two such products blur an image: on a CPU one matrix product is far
-    faster than the 9 x 9 depthwise convolution or 18 shifted additions, and the padding
-    comes for free."""
-    radius = len(weights) // 2
-    if size <= radius:
-        raise ValueError(f"cannot reflect-pad {radius} pixels of an image side of {size}")
-    rows, cols = _band_indices(size, radius)
-    band = torch.zeros(size, size)
-    return band.index_put_((rows, cols), weights.repeat(size), accumulate=True)
+def correlation_matrix(weights: Tensor, outputs: int) -> Tensor:
+    """M (outputs x outputs + len(weights) - 1) with M @ x equal to correlating x with
+    weights over x's first axis, 'valid' mode: row j holds the weights from column j on."""
+    width = outputs + len(weights) - 1
+    matrix = torch.zeros(outputs, width)
+    matrix.as_strided((outputs, len(weights)), (width + 1, 1)).copy_(weights)
+    return matrix
 
 
 def gaussian_blur_uint8(image: Tensor, sigma: float, kernel_size: int = BLUR_KERNEL_SIZE) -> Tensor:
-    """torchvision's gaussian_blur with a square kernel, computed separably (the 2-D
-    Gaussian kernel is the outer product of two 1-D ones); rounded back to uint8 likewise."""
-    weights = gaussian_kernel1d(sigma, kernel_size)
+    """torchvision's gaussian_blur with a square kernel (reflect padding, the 2-D kernel the
+    outer product of two 1-D ones), rounded back to uint8 likewise.
+
+    Computed separably, as matrix products over tiles: each tile of a few rows (then
+    columns) is one small product with a banded matrix applied to the tile and its margin.
+    On a CPU that is several times faster than the 9 x 9 depthwise convolution, and at 224 px
+    2.9 times faster (0.47 against 1.35 ms, one thread) than one product with a banded matrix
+    as large as the side, whose work grows with the cube of the side, the tiles' with its
+    square."""
+    radius = kernel_size // 2
     height, width = image.shape[-2:]
-    rows = reflect_band_matrix(weights, height)
-    cols = rows if width == height else reflect_band_matrix(weights, width)
-    blurred = rows @ image.to(torch.float32) @ cols.T
-    return blurred.round_().to(torch.uint8)
+    if min(height, width) <= radius:
+        raise ValueError(
+            f"cannot reflect-pad {radius} pixels of an image of {height} x {width} pixels"
+        )
+    weights = gaussian_kernel1d(sigma, kernel_size)
+    tile_rows, tile_cols = _tile_side(height), _tile_side(width)
+    rows = correlation_matrix(weights, tile_rows)
+    cols = rows if tile_cols == tile_rows else correlation_matrix(weights, tile_cols)
+    padded = nn_functional.pad(image.to(torch.float32), (radius,) * 4, mode="reflect")
+    # (..., row tiles, padded width, tile rows), then (..., row tiles, column tiles, rows, cols)
+    by_rows = padded.unfold(-2, tile_rows + 2 * radius, tile_rows) @ rows.T
+    blurred = by_rows.unfold(-2, tile_cols + 2 * radius, tile_cols) @ cols.T
+    return blurred.transpose(-3, -2).reshape(image.shape).round_().to(torch.uint8)
 
 
 def _hue_times_six(
@@ -161,20 +174,36 @@ class FastSolarize(v2.RandomSolarize):
         return solarize_uint8(inpt, int(self.threshold))
 
 
-class NormalizeUint8(v2.Normalize):
-    """uint8 in [0, 255] to float32 standardized with the ImageNet statistics in one pass:
-    (x / 255 - mean) / std folded into x * scale - offset. Float input is refused, as its
-    range (0-1 or 0-255) cannot be told."""
+def standardize_uint8(images: Tensor) -> Tensor:
+    """uint8 (..., 3, H, W) in [0, 255] to float32 standardized with the ImageNet statistics,
+    (x / 255 - mean) / std folded into x * scale - offset. On whatever device the images
+    are: the training loader ships uint8 crops, a quarter of the bytes to pin and copy, and
+    standardizes them on the accelerator. Float input is refused, as its range (0-1 or
+    0-255) cannot be told."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected a uint8 image tensor, got dtype {images.dtype}")
+    scale, offset = _standardization(images.device)
+    return images.to(torch.float32).mul_(scale).sub_(offset)
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__(mean, std)
-        self.scale = 1.0 / (UINT8_MAX * torch.tensor(std)).view(3, 1, 1)
-        self.offset = (torch.tensor(mean) / torch.tensor(std)).view(3, 1, 1)
+
+@functools.cache
+def _standardization(device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-channel scale and offset, made once per device so that a step copies no
+    constants to its accelerator."""
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    scale = 1.0 / (UINT8_MAX * std)
+    offset = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
+    return scale.to(device), offset.to(device)
+
+
+class NormalizeUint8(v2.Normalize):
+    """v2.Normalize with the ImageNet statistics, computed by standardize_uint8."""
+
+    def __init__(self) -> None:
+        super().__init__(IMAGENET_MEAN, IMAGENET_STD)
 
     def transform(self, inpt: Tensor, params: dict[str, Any]) -> Tensor:
-        if inpt.dtype != torch.uint8:
-            raise TypeError(f"expected a uint8 image tensor, got dtype {inpt.dtype}")
-        return inpt.to(torch.float32).mul_(self.scale).sub_(self.offset)
+        return standardize_uint8(inpt)
 
 
 def gaussian_blur(p: float, sigma: Sequence[float] = BLUR_SIGMA) -> v2.Transform:
@@ -193,7 +222,7 @@ def color_distortion() -> v2.Transform:
 
 def normalize() -> v2.Transform:
     """uint8 in [0, 255] to float32 standardized with the ImageNet statistics."""
-    return NormalizeUint8(IMAGENET_MEAN, IMAGENET_STD)
+    return NormalizeUint8()
 
 
 def random_crop_and_flip(size: int, scale: Sequence[float]) -> v2.Transform:
@@ -227,7 +256,9 @@ class MultiCropAugmentation:
     The two global crops differ on purpose: the first is always blurred, the second is rarely
     blurred but sometimes solarized, so the student must match views of unequal quality.
     The teacher sees the same global crops as the student; the key is kept separate because
-    the training step reads them under that name.
+    the training step reads them under that name. With `standardize=False` the crops stay
+    uint8 for a loader that standardizes them on the accelerator (standardize_uint8), which
+    is bit for bit the same computation.
     """
 
     def __init__(
@@ -238,23 +269,25 @@ class MultiCropAugmentation:
         global_crops_size: int = 224,
         local_crops_size: int = 96,
         blur_sigma: Sequence[float] = BLUR_SIGMA,
+        standardize: bool = True,
     ) -> None:
         self.local_crops_number = local_crops_number
         self.global_geometry = random_crop_and_flip(global_crops_size, global_crops_scale)
         self.local_geometry = random_crop_and_flip(local_crops_size, local_crops_scale)
+        last = [normalize()] if standardize else []
         self.global_transform_1 = v2.Compose(
-            [color_distortion(), gaussian_blur(1.0, blur_sigma), normalize()]
+            [color_distortion(), gaussian_blur(1.0, blur_sigma), *last]
         )
         self.global_transform_2 = v2.Compose(
             [
                 color_distortion(),
                 gaussian_blur(0.1, blur_sigma),
                 FastSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2),
-                normalize(),
+                *last,
             ]
         )
         self.local_transform = v2.Compose(
-            [color_distortion(), gaussian_blur(0.5, blur_sigma), normalize()]
+            [color_distortion(), gaussian_blur(0.5, blur_sigma), *last]
         )
 
     def __call__(self, image: Image.Image | Tensor) -> dict[str, list[Tensor] | tuple]:

@@ -23,7 +23,9 @@ from dinospec.data.datasets import ImageList, ImageNetFolder, ImageTree, load_rg
 from dinospec.data.masking import MaskingGenerator
 from dinospec.data.samplers import InfiniteDistributedSampler
 from dinospec.data.synthetic import SyntheticScenes
-from dinospec.data.transforms import MultiCropAugmentation
+from dinospec.data.transforms import MultiCropAugmentation, standardize_uint8
+
+CROP_KEYS = ("collated_global_crops", "collated_local_crops")
 
 
 def derived_seed(*keys: int) -> int:
@@ -133,7 +135,9 @@ class StepCollator:
         }
 
 
-def build_augmentation(config: Config) -> MultiCropAugmentation:
+def build_augmentation(config: Config, standardize: bool = False) -> MultiCropAugmentation:
+    """The multi-crop recipe of `crops`; the loader's ends at uint8 crops, which to_device
+    standardizes."""
     crops = config.crops
     return MultiCropAugmentation(
         crops.global_crops_scale,
@@ -142,6 +146,7 @@ def build_augmentation(config: Config) -> MultiCropAugmentation:
         crops.global_crops_size,
         crops.local_crops_size,
         crops.blur_sigma,
+        standardize,
     )
 
 
@@ -173,6 +178,13 @@ def build_loader(
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
+    """A loader batch on `device`, as the training step takes it: crops that arrive as uint8
+    are standardized there, after the copy, which moves a quarter of the bytes that float
+    crops would and takes that pass off the loader's workers."""
+    moved = {
         k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
     }
+    for key in CROP_KEYS:
+        if moved[key].dtype == torch.uint8:
+            moved[key] = standardize_uint8(moved[key])
+    return moved
