@@ -147,7 +147,7 @@ class Trainer:
                 dict(self.model.student.items()), o.layerwise_decay, o.patch_embed_lr_mult
             ),
             betas=(o.adamw_beta1, o.adamw_beta2),
-            fused=self.info.device.type == "cuda",
+            fused=True,
         )
         self.global_batch = config.train.batch_size_per_gpu * self.info.world_size
         self.schedules = schedules_for(config, self.global_batch)
