@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -72,7 +73,7 @@ def _pairs(analyses: Labelled) -> list[str]:
     return [k for k in PAIR_TITLES if k in present]
 
 
-def _plot_cosines(ax, norms: list[NormStats], final: NormStats, pair: str) -> None:
+def _plot_cosines(ax: Axes, norms: list[NormStats], final: NormStats, pair: str) -> None:
     blocks = [n.block for n in norms]
     for stage in STAGES:
         colour = STAGE_COLOURS[stage]

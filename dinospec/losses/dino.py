@@ -19,7 +19,9 @@ class DINOLoss(TeacherTargets):
     and by what it divides the result by, exactly as in DINOv2.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
         super().__init__((1, out_dim), center_momentum)
         self.student_temp = student_temp
 

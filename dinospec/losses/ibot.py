@@ -22,7 +22,9 @@ class IBOTPatchLoss(TeacherTargets):
     shape of whatever teacher tokens are passed in.
     """
 
-    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(
+        self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
         super().__init__((1, 1, patch_out_dim), center_momentum)
         self.student_temp = student_temp
 
