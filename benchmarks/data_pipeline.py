@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--workers", type=int, default=0, help="also time a DataLoader")
+    parser.add_argument(
+        "--loader-images", type=int, default=1024, help="images the DataLoader is timed on"
+    )
     parser.add_argument("--batch", type=int, default=32, help="DataLoader batch size")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     args = parser.parse_args()
@@ -194,7 +197,7 @@ def main() -> None:
     )
     print_comparison(compare(config, args.images, args.rounds, CLOCKS[args.clock]))
     if args.workers > 0:
-        speed = loader_images_per_second(config, args.images)
+        speed = loader_images_per_second(config, args.loader_images)
         print(
             f"DataLoader, {args.workers} workers, batch {args.batch}: {speed:.1f} img/s "
             f"({speed / args.workers:.1f} per worker)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run on the lent H200 (device tool, `carry: [".whl"]`, timeout_s 600), after
-# benchmarks/gpu/fetch_wheels.sh here. Installs the carried wheels and the project, then
+# Run on the lent H200 (device tool, `carry: [".whl", ".bench_data"]`, timeout_s 600),
+# after benchmarks/gpu/prepare.sh here. Installs the carried wheels and the project, then
 # runs issue 7's GPU measurements one after the other; each table lands in $OUT/*.txt.
 #   bash benchmarks/gpu/run.sh [train_step models, default s,b,l]
 set -uo pipefail
@@ -25,6 +25,10 @@ for dtype in bf16 fp32; do
     timeout 60 python3 benchmarks/backbone_vs_reference.py --device cuda --dtype $dtype \
         --batch 64 --rounds 9 2>&1 | tee "$OUT/backbone_vs_timm_$dtype.txt"
 done
+# The training loader on the host's cores (14 workers; the trainer and the pin thread keep
+# two), to set beside the steps' images/s above: does the GPU wait for data?
+timeout 60 python3 benchmarks/data_pipeline.py --data .bench_data/imagenette --images 200 \
+    --rounds 1 --workers 14 --batch 64 --loader-images 4096 2>&1 | tee "$OUT/data_pipeline_14_workers.txt"
 # Last, so that if the call's 600 s run out here nothing above is lost: kernels per step of
 # the compiled blocks on CUDA, specialized against vanilla.
 timeout 60 python3 benchmarks/specialize_overhead.py --device cuda --compile --batch 64 \
