@@ -36,8 +36,11 @@ def test_pretraining_beats_initialization_on_the_segmentation_probe(tmp_path: Pa
     assert trained > 1.5 * initial and trained - initial > 0.03, scores
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["iteration"] == 1000
-    last = records[-5:]  # one step's loss is noisy: the mean of the last 250 iterations
-    assert sum(r["loss_window_mean"] for r in last) / len(last) < 0.75 * records[0]["loss"]
+    # One step's loss is noisy (4.6 to 7.2 in neighbouring log lines), so both ends are
+    # window means: iterations 1-50 against the last 250.
+    last = records[-5:]
+    first_window = records[0]["loss_window_mean"]
+    assert sum(r["loss_window_mean"] for r in last) / len(last) < 0.75 * first_window
     assert sum(r["teacher_entropy"] for r in last) / len(last) < 0.5  # no uniform collapse
     assert (run_dir / "probe_results.json").is_file()
     assert (run_dir / "training_curves.png").is_file()
