@@ -5,11 +5,11 @@ import json
 import math
 import os
 import shutil
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port
 from train_helpers import first_batch, read_metrics, run_cli, tiny_config
 
 from dinospec.config import ConfigError
@@ -173,12 +173,6 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, capsys):
     assert read_metrics(run_dir)[-1]["iteration"] == 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world_size, port, output_dir):
     os.environ.update(
         RANK=str(rank),
@@ -200,7 +194,7 @@ def _worker(rank, world_size, port, output_dir):
 
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), tmp_path / "ws2"), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), tmp_path / "ws2"), nprocs=2)
     single = train(
         tiny_config(
             tmp_path / "ws1",
