@@ -47,15 +47,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, nproc: int, port: int, job: Callable[[], Any]) -> None:
-    """One process of the group; CPU threads are shared out so processes do not fight."""
+def join_as_rank(rank: int, world_size: int, port: int) -> None:
+    """Give this process the variables torchrun gives a rank on one host, which
+    init_distributed reads to join the group."""
     os.environ.update(
         RANK=str(rank),
-        WORLD_SIZE=str(nproc),
+        WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _worker(rank: int, nproc: int, port: int, job: Callable[[], Any]) -> None:
+    """One process of the group; CPU threads are shared out so processes do not fight."""
+    join_as_rank(rank, nproc, port)
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     job()

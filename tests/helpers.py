@@ -1,9 +1,6 @@
-"""Small model factories for tests (tiny sizes, so every test runs in seconds on a CPU), and
-a free port for tests that start process groups."""
+"""Small model factories for tests: tiny sizes so every test runs in seconds on a CPU."""
 
 from __future__ import annotations
-
-import socket
 
 import torch
 
@@ -44,10 +41,3 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return model
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, for a test's process group."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -4,15 +4,14 @@ group."""
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import free_port
 
 from dinospec.distributed import host_group, init_distributed
+from launch.local import free_port, join_as_rank
 
 # Left to interpreter shutdown, a gloo group aborted its process in about half of the 2-rank
 # runs (6 of 12 on torch 2.14); 8 runs pass by chance with probability below 1%.
@@ -20,13 +19,7 @@ RUNS = 8
 
 
 def _rank_that_leaves_its_groups(rank: int, port: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    join_as_rank(rank, 2, port)
     init_distributed("cpu")
     value = torch.tensor([rank])
     for group in (None, host_group(), host_group(timedelta(hours=1))):

@@ -21,8 +21,6 @@ import contextlib
 import io
 import itertools
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from eval.run_cls import evaluate_classification
 from eval.run_seg import evaluate_segmentation
 from eval.seg_augmented import GlobalBatches
 from eval.sharding import Ranks
+from launch.local import free_port, join_as_rank
 
 CAMVID = SHARED / "data" / "camvid"
 IMAGENETTE = SHARED / "data" / "imagenette"
@@ -50,12 +49,6 @@ PER_RUN_KEYS = {"config", "date", "num_processes"}
 JOBS = {"cls": evaluate_classification, "seg": evaluate_segmentation}
 Job = tuple[str, str, list[str]]
 """(name, 'cls' or 'seg', config overrides)"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_job(rank: int, job: Job, out: Path) -> None:
@@ -72,13 +65,7 @@ def _run_job(rank: int, job: Job, out: Path) -> None:
 def _worker(rank: int, port: int, jobs: list[Job], out: Path) -> None:
     """One of two ranks, joined through torchrun's variables; the jobs run one after the
     other in the process group the first one joins."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    join_as_rank(rank, 2, port)
     torch.set_num_threads(1)
     for job in jobs:
         _run_job(rank, job, out)
@@ -145,7 +132,7 @@ def _one_process(jobs: list[Job], out: Path) -> list[dict[str, Any]]:
 
 
 def _two_processes(jobs: list[Job], out: Path) -> list[dict[str, Any]]:
-    mp.spawn(_worker, args=(_free_port(), jobs, out), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), jobs, out), nprocs=2)
     return [_reports(out, jobs, rank) for rank in (0, 1)]
 
 

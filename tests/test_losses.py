@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dinospec.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from launch.local import free_port
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 WORLD_SIZE = 2
@@ -159,12 +159,6 @@ def test_sinkhorn_knopp_iteration_count_is_keyword_only():
         IBOTPatchLoss(8).sinkhorn_knopp_teacher(torch.randn(4, 8), 0.07, torch.tensor([4]))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _shard_results(
     dino_teacher: torch.Tensor, ibot_teacher: torch.Tensor, shards: dict, temp: float
 ) -> dict[str, torch.Tensor]:
@@ -206,7 +200,7 @@ def test_sharded_matches_single_process(tmp_path):
     expected = _shard_results(dino_teacher, ibot_teacher, whole, 0.07)
 
     inputs = (dino_teacher, ibot_teacher, sharded, 0.07)
-    mp.spawn(_sharded_worker, args=(_free_port(), inputs, str(tmp_path)), nprocs=WORLD_SIZE)
+    mp.spawn(_sharded_worker, args=(free_port(), inputs, str(tmp_path)), nprocs=WORLD_SIZE)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
     for key in ("dino_center", "ibot_center"):

@@ -3,13 +3,11 @@ non-finite losses, bad data and checkpoints."""
 
 import json
 import math
-import os
 import shutil
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import free_port
 from train_helpers import first_batch, read_metrics, run_cli, tiny_config
 
 from dinospec.config import ConfigError
@@ -17,6 +15,7 @@ from dinospec.models.checkpoints import load_backbone
 from dinospec.train.checkpoint import list_checkpoints
 from dinospec.train.loop import NonFiniteLossError, Trainer, train
 from dinospec.train.optim import apply_schedule_values
+from launch.local import free_port, join_as_rank
 
 
 def _losses(run_dir):
@@ -174,13 +173,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, capsys):
 
 
 def _worker(rank, world_size, port, output_dir):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    join_as_rank(rank, world_size, port)
     torch.set_num_threads(1)
     config = tiny_config(
         output_dir,
