@@ -7,7 +7,6 @@ of GPUs under SLURM: only the environment differs.
 from __future__ import annotations
 
 import atexit
-import functools
 import os
 import re
 from collections.abc import Iterable
@@ -76,20 +75,25 @@ def init_distributed(device: str = "auto", need_group: bool = False) -> DistInfo
     backend = "nccl" if use_cuda else "gloo"
     if world_size > 1:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        atexit.register(_destroy_process_groups)
+        atexit.register(_destroy_gloo_world)
     elif need_group:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        atexit.register(_destroy_process_groups)
+        atexit.register(_destroy_gloo_world)
     return DistInfo(rank, world_size, local_rank, dev)
 
 
-def _destroy_process_groups() -> None:
-    """At exit, destroy the groups init_distributed made, while the interpreter is whole:
-    a gloo group left to interpreter shutdown makes its process abort ("terminate called
-    without an active exception") in a third to two thirds of 2-rank runs (torch 2.8 to
-    2.14, measured). Not on torch < 2.8, where destroying a gloo group just after a
-    collective can deadlock instead (pytorch/pytorch#154976)."""
-    if dist.is_initialized() and torch.__version__ >= (2, 8):
+# A gloo group left to interpreter shutdown makes its process abort ("terminate called
+# without an active exception") in a third to two thirds of 2-rank runs (torch 2.8 to 2.14,
+# measured), so the gloo groups made here are destroyed at exit. Not on torch < 2.8, where
+# destroying a gloo group just after a collective can deadlock instead (its destructor
+# waits for a worker thread that needs the GIL; pytorch/pytorch#154976). NCCL groups are
+# left alone: destroying one flushes its queued collectives, which hangs a rank that exits
+# on an error while the others wait in a collective.
+GLOO_DESTROY_IS_SAFE = torch.__version__ >= (2, 8)
+
+
+def _destroy_gloo_world() -> None:
+    if GLOO_DESTROY_IS_SAFE and dist.is_initialized() and dist.get_backend() == "gloo":
         dist.destroy_process_group()
 
 
@@ -119,20 +123,30 @@ def _require_fsdp_on(device: torch.device) -> None:
         )
 
 
+_HOST_GROUPS: dict[tuple[dist.ProcessGroup, timedelta | None], dist.ProcessGroup] = {}
+
+
 def host_group(timeout: timedelta | None = None) -> dist.ProcessGroup:
     """A gloo group over all ranks for collectives on host tensors, which over NCCL would
     first wait for every queued GPU kernel. Made on first use (every rank must reach it
-    together) and kept as long as the default group: destroying a gloo group just after a
-    collective deadlocks torch < 2.8 (its destructor waits for a worker thread that needs
-    the GIL; pytorch/pytorch#154976). Destroying the default group destroys it too; this
-    module lets go of it at exit, so that it is not left to interpreter shutdown."""
-    return _host_group(dist.group.WORLD, timeout)
+    together), kept while the default group lives (no destroy just after a collective, see
+    GLOO_DESTROY_IS_SAFE) and destroyed at exit."""
+    key = (dist.group.WORLD, timeout)
+    if key not in _HOST_GROUPS:
+        if not _HOST_GROUPS:
+            atexit.register(_destroy_host_groups)
+        _HOST_GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
+    return _HOST_GROUPS[key]
 
 
-@functools.cache
-def _host_group(world: dist.ProcessGroup, timeout: timedelta | None) -> dist.ProcessGroup:
-    atexit.register(_host_group.cache_clear)
-    return dist.new_group(backend="gloo", timeout=timeout)
+def _destroy_host_groups() -> None:
+    """Those of the current default group are still registered (a destroyed default group
+    takes its groups with it), so only they can be destroyed; all are let go."""
+    world = dist.group.WORLD if dist.is_initialized() else None
+    for (owner, _), group in _HOST_GROUPS.items():
+        if owner is world and GLOO_DESTROY_IS_SAFE:
+            dist.destroy_process_group(group)
+    _HOST_GROUPS.clear()
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
