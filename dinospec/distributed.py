@@ -75,9 +75,9 @@ def init_distributed(device: str = "auto", need_group: bool = False) -> DistInfo
     backend = "nccl" if use_cuda else "gloo"
     if world_size > 1:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        atexit.register(_destroy_gloo_world)
     elif need_group:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized():
         atexit.register(_destroy_gloo_world)
     return DistInfo(rank, world_size, local_rank, dev)
 
@@ -142,10 +142,10 @@ def host_group(timeout: timedelta | None = None) -> dist.ProcessGroup:
 def _destroy_host_groups() -> None:
     """Those of the current default group are still registered (a destroyed default group
     takes its groups with it), so only they can be destroyed; all are let go."""
-    world = dist.group.WORLD if dist.is_initialized() else None
-    for (owner, _), group in _HOST_GROUPS.items():
-        if owner is world and GLOO_DESTROY_IS_SAFE:
-            dist.destroy_process_group(group)
+    if GLOO_DESTROY_IS_SAFE and dist.is_initialized():
+        for (owner, _), group in _HOST_GROUPS.items():
+            if owner is dist.group.WORLD:
+                dist.destroy_process_group(group)
     _HOST_GROUPS.clear()
 
 
