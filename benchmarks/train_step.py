@@ -159,18 +159,30 @@ class Contender:
         return seconds
 
 
+def progress(size: str, message: str) -> None:
+    """One line per warm-up and round as they finish, so that a run stopped by a time limit
+    (the device call's) still shows the steps it timed."""
+    print(f"[ViT-{size.upper()}/14] {message}", flush=True)
+
+
 def run_size(size: str, args: argparse.Namespace, run_dir: str) -> list[dict[str, Any]]:
     contenders = {v: Contender(step_config(size, v, args, run_dir), args.device) for v in VARIANTS}
     for name, contender in contenders.items():
         others = [c for n, c in contenders.items() if n != name]
+        start = time.perf_counter()
         for _ in range(args.warmup):
             contender.step(others)
+        progress(
+            size, f"{name}: {args.warmup} warm-up steps in {time.perf_counter() - start:.1f} s"
+        )
     ratios = []
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for name, contender in contenders.items():
             others = [c for n, c in contenders.items() if n != name]
             contender.times.append(contender.step(others))
         ratios.append(contenders["specialized"].times[-1] / contenders["vanilla"].times[-1])
+        times = ", ".join(f"{n} {c.times[-1]:.4f} s" for n, c in contenders.items())
+        progress(size, f"round {i + 1}/{args.rounds}: {times}, spec/van {ratios[-1]:.3f}")
     peak = peak_tflops(contenders["vanilla"].device, args.peak_tflops)
     rows = []
     for name, c in contenders.items():
