@@ -16,6 +16,7 @@ added, as usual for MFU. The utilization is against the device's dense bf16 peak
     python benchmarks/train_step.py                        # ViT-S/B/L, DINOv2's step
     python benchmarks/train_step.py --models s --batch 4 --global-size 112 --local-size 56 \\
         --prototypes 4096 --rounds 3                        # about 2 minutes on a CPU
+    python benchmarks/train_step.py --models l --profile 25  # and where ViT-L's step time goes
 """
 
 from __future__ import annotations
@@ -165,6 +166,20 @@ def progress(size: str, message: str) -> None:
     print(f"[ViT-{size.upper()}/14] {message}", flush=True)
 
 
+def profile_step(label: str, contender: Contender, others: list[Contender], rows: int) -> None:
+    """The operators of one more step, those taking the most time first, so that a run on
+    a lent GPU also says where the step's time goes when its MFU falls short."""
+    cuda = contender.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        contender.step(others)
+    clock = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"{label}: one step's top {rows} operators by {clock}", flush=True)
+    print(profiler.key_averages().table(sort_by=clock, row_limit=rows), flush=True)
+
+
 def run_size(size: str, args: argparse.Namespace, run_dir: str) -> list[dict[str, Any]]:
     contenders = {v: Contender(step_config(size, v, args, run_dir), args.device) for v in VARIANTS}
     for name, contender in contenders.items():
@@ -183,6 +198,10 @@ def run_size(size: str, args: argparse.Namespace, run_dir: str) -> list[dict[str
         ratios.append(contenders["specialized"].times[-1] / contenders["vanilla"].times[-1])
         times = ", ".join(f"{n} {c.times[-1]:.4f} s" for n, c in contenders.items())
         progress(size, f"round {i + 1}/{args.rounds}: {times}, spec/van {ratios[-1]:.3f}")
+    for name, contender in contenders.items():
+        if args.profile:
+            others = [c for n, c in contenders.items() if n != name]
+            profile_step(f"ViT-{size.upper()}/14 {name}", contender, others, args.profile)
     peak = peak_tflops(contenders["vanilla"].device, args.peak_tflops)
     rows = []
     for name, c in contenders.items():
@@ -253,6 +272,9 @@ def main() -> None:
     parser.add_argument("--local-crops", type=int, default=8)
     parser.add_argument("--prototypes", type=int, default=65536)
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print the top N operators of a step"
+    )
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -49,7 +49,11 @@ def test_train_step_prints_both_variants_with_mfu_and_progress() -> None:
         "train_step.py",
         *("--models", "s", "--batch", "2", "--global-size", "56", "--local-size", "28"),
         *("--prototypes", "256", "--rounds", "2", "--warmup", "1", "--peak-tflops", "1"),
+        *("--profile", "3"),
     )
+    for variant in ("vanilla", "specialized"):
+        assert f"ViT-S/14 {variant}: one step's top 3 operators by self_cpu_time_total" in out
+    assert out.count("aten::mm") >= 2, out
     rounds = re.findall(r"\[ViT-S/14\] round (\d)/2: vanilla .* spec/van (" + NUMBER + ")", out)
     assert [r[0] for r in rounds] == ["1", "2"], out
     rows = {

@@ -19,13 +19,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | sed 's/^/host cores /' | tee -a "$OUT/gpu.txt"
 # One model per process and per time limit, so compilation of a large model cannot take
-# the smaller models' tables with it. Dense bf16 peak of an H200 SXM: 989 TFLOP/s
-# (NVIDIA's datasheet, without sparsity).
+# the smaller models' tables with it; each step's time is printed as it is measured, and
+# the 25 costliest operators of one step per variant say where the time goes. Dense bf16
+# peak of an H200 SXM: 989 TFLOP/s (NVIDIA's datasheet, without sparsity).
 for model in ${MODELS//,/ }; do
     limit=120
     [ "$model" = l ] && limit=200
     timeout $limit python3 benchmarks/train_step.py --models "$model" --rounds 5 \
-        --peak-tflops 989 2>&1 | tee "$OUT/train_step_$model.txt"
+        --peak-tflops 989 --profile 25 2>&1 | tee "$OUT/train_step_$model.txt"
 done
 timeout 60 python3 benchmarks/backbone_vs_reference.py --device cuda --dtype bf16 \
     --batch 64 --rounds 9 2>&1 | tee "$OUT/backbone_vs_timm_bf16.txt"
