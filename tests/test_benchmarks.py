@@ -26,11 +26,13 @@ NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 
 
 def run_benchmark(script: str, *args: str) -> str:
-    """Stdout of benchmarks/<script> on one CPU thread; fails with its stderr if it fails."""
+    """Stdout of benchmarks/<script> on one CPU thread; fails with its output if it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, str(REPO / "benchmarks" / script), *args]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
-    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (
+        f"{script} exited {done.returncode}:\n{done.stdout}{done.stderr[-3000:]}"
+    )
     return done.stdout
 
 
@@ -117,3 +119,16 @@ def test_data_pipeline_times_ours_reference_and_the_loader() -> None:
     ours, reference, ratio = (float(g) for g in median.groups())
     assert ratio == pytest.approx(ours / reference, abs=0.01), median.group(0)
     ratio_after("DataLoader, 1 workers, batch 4:", out)
+
+
+@pytest.mark.slow
+def test_gpu_checks_pass_on_the_same_code_paths_on_a_cpu() -> None:
+    """The GPU run's first part: flash attention against math, bf16 and compiled and FSDP2
+    steps against their references; here on CPU kernels (gloo for FSDP2)."""
+    out = run_benchmark("gpu/checks.py", "--device", "cpu")
+    rows = re.findall(rf"^(.+?)\s+({NUMBER}e[-+][0-9]+)\s+{NUMBER}e[-+][0-9]+\s+(\S+)", out, re.M)
+    names = [name.strip() for name, _, _ in rows]
+    assert names == ["flash attention", "bf16 step", "compiled step", "FSDP2 bf16 step"], out
+    assert all(result == "ok" for _, _, result in rows), out
+    # bf16 moves the numbers, or the check compared a path with itself
+    assert all(float(difference) > 0 for _, difference, _ in rows[:2]), out

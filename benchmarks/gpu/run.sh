@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Run on the lent H200 (device tool, `carry: [".whl", ".bench_data"]`, timeout_s 600),
 # after benchmarks/gpu/prepare.sh here. Installs the carried wheels and the project, then
-# runs issue 7's GPU measurements one after the other; each table lands in $OUT/*.txt.
+# runs issue 7's GPU checks and measurements one after the other; each table lands in
+# $OUT/*.txt.
 #   bash benchmarks/gpu/run.sh [train_step models, default l,s,b]
 # The parts run in order of importance, each under its own time limit, and write their
 # tables as they go, so if the call's time runs out only the least important are lost:
-# ViT-L first (the 40% MFU target; it compiles longest), bf16 before fp32.
+# the CUDA checks, then ViT-L (the 40% MFU target; it compiles longest), bf16 before fp32.
 set -uo pipefail
 MODELS=${1:-l,s,b}
 OUT=${OUT:-outputs/gpu}
@@ -18,6 +19,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | sed 's/^/host cores /' | tee -a "$OUT/gpu.txt"
+# First the numbers: flash attention, bf16, compiled and FSDP2 (NCCL) steps on CUDA kernels.
+timeout 150 python3 benchmarks/gpu/checks.py 2>&1 | tee "$OUT/checks.txt"
 # One model per process and per time limit, so compilation of a large model cannot take
 # the smaller models' tables with it; each step's time is printed as it is measured, and
 # the 25 costliest operators of one step per variant say where the time goes. Dense bf16
