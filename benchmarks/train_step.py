@@ -160,10 +160,14 @@ class Contender:
         return seconds
 
 
+def model_name(size: str) -> str:
+    return f"ViT-{size.upper()}/14"
+
+
 def progress(size: str, message: str) -> None:
     """One line per warm-up and round as they finish, so that a run stopped by a time limit
     (the device call's) still shows the steps it timed."""
-    print(f"[ViT-{size.upper()}/14] {message}", flush=True)
+    print(f"[{model_name(size)}] {message}", flush=True)
 
 
 def profile_step(label: str, contender: Contender, others: list[Contender], rows: int) -> None:
@@ -182,33 +186,31 @@ def profile_step(label: str, contender: Contender, others: list[Contender], rows
 
 def run_size(size: str, args: argparse.Namespace, run_dir: str) -> list[dict[str, Any]]:
     contenders = {v: Contender(step_config(size, v, args, run_dir), args.device) for v in VARIANTS}
+    others = {name: [c for n, c in contenders.items() if n != name] for name in contenders}
     for name, contender in contenders.items():
-        others = [c for n, c in contenders.items() if n != name]
         start = time.perf_counter()
         for _ in range(args.warmup):
-            contender.step(others)
+            contender.step(others[name])
         progress(
             size, f"{name}: {args.warmup} warm-up steps in {time.perf_counter() - start:.1f} s"
         )
     ratios = []
     for i in range(args.rounds):
         for name, contender in contenders.items():
-            others = [c for n, c in contenders.items() if n != name]
-            contender.times.append(contender.step(others))
+            contender.times.append(contender.step(others[name]))
         ratios.append(contenders["specialized"].times[-1] / contenders["vanilla"].times[-1])
         times = ", ".join(f"{n} {c.times[-1]:.4f} s" for n, c in contenders.items())
         progress(size, f"round {i + 1}/{args.rounds}: {times}, spec/van {ratios[-1]:.3f}")
-    for name, contender in contenders.items():
-        if args.profile:
-            others = [c for n, c in contenders.items() if n != name]
-            profile_step(f"ViT-{size.upper()}/14 {name}", contender, others, args.profile)
+    if args.profile:
+        for name, contender in contenders.items():
+            profile_step(f"{model_name(size)} {name}", contender, others[name], args.profile)
     peak = peak_tflops(contenders["vanilla"].device, args.peak_tflops)
     rows = []
     for name, c in contenders.items():
         median = statistics.median(c.times)
         rows.append(
             {
-                "model": f"ViT-{size.upper()}/14",
+                "model": model_name(size),
                 "variant": name,
                 "median_s": median,
                 "images_per_s": args.batch / median,

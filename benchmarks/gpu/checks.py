@@ -19,6 +19,7 @@ and whether it did; exit status 1 if any check failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import sys
 import tempfile
@@ -103,27 +104,34 @@ def flash_attention(device: str, _: Path) -> Check:
     )
 
 
+@functools.cache
+def eager_bf16(device: str, run_dir: Path) -> dict[str, float]:
+    """The reference of the step checks below, run once."""
+    losses, _ = one_step(device, run_dir, "train.precision=bf16", "train.compile=off")
+    return losses
+
+
 def bf16_step(device: str, run_dir: Path) -> Check:
     fp32, _ = one_step(device, run_dir / "fp32", "train.precision=fp32", "train.compile=off")
-    bf16, _ = one_step(device, run_dir / "bf16", "train.precision=bf16", "train.compile=off")
+    bf16 = eager_bf16(device, run_dir.parent / "eager_bf16")
     if bf16 == fp32:
         raise RuntimeError("the bf16 step gave the fp32 numbers: autocast did not run")
     return Check("bf16 step", relative_difference(bf16, fp32), BF16_STEP_BOUND, "vs fp32")
 
 
 def compiled_step(device: str, run_dir: Path) -> Check:
-    eager, _ = one_step(device, run_dir / "eager", "train.precision=bf16", "train.compile=off")
-    compiled, _ = one_step(device, run_dir / "comp", "train.precision=bf16", "train.compile=on")
+    eager = eager_bf16(device, run_dir.parent / "eager_bf16")
+    compiled, _ = one_step(device, run_dir, "train.precision=bf16", "train.compile=on")
     difference = relative_difference(compiled, eager)
     return Check("compiled step", difference, BF16_STEP_BOUND, "bf16, vs eager bf16")
 
 
 def fsdp_step(device: str, run_dir: Path) -> Check:
     """Last: it starts the process group that the other checks' trainers must not join."""
-    plain, _ = one_step(device, run_dir / "plain", "train.precision=bf16", "train.compile=off")
+    plain = eager_bf16(device, run_dir.parent / "eager_bf16")
     try:
         sharded, trainer = one_step(
-            device, run_dir / "fsdp", "train.precision=bf16", "train.compile=off", "train.fsdp=true"
+            device, run_dir, "train.precision=bf16", "train.compile=off", "train.fsdp=true"
         )
         backend = dist.get_backend()
         if not isinstance(next(trainer.model.student.backbone.blocks[0].parameters()), DTensor):
