@@ -33,21 +33,24 @@ from dinospec.data.synthetic import SyntheticScenes
 from dinospec.data.transforms import normalize, to_uint8_image
 from dinospec.models.checkpoints import load_backbone
 from dinospec.models.vit import DinoVisionTransformer
+from dinospec.train.exports import STEM, SUFFIXES, check_export
 
-RUN_BACKBONES = ("teacher_backbone.safetensors", "teacher_backbone.pth")
+RUN_BACKBONES = tuple(f"{STEM}{suffix}" for suffix in SUFFIXES)
 SYNTHETIC = "synthetic"
 
 
 def backbone_file(path: str | Path) -> Path:
     """A weight file as given, or the teacher a training run exported (safetensors first:
-    it carries the model config, so nothing has to be inferred)."""
+    it carries the model config, so nothing has to be inferred). An export is checked
+    against the run's record of it, so an export cut short is never read as weights."""
     path = Path(path)
-    if not path.is_dir():
-        return path
-    for name in RUN_BACKBONES:
-        if (path / name).is_file():
-            return path / name
-    raise FileNotFoundError(f"{path} is a directory without {' or '.join(RUN_BACKBONES)}")
+    if path.is_dir():
+        found = [path / name for name in RUN_BACKBONES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} is a directory without {' or '.join(RUN_BACKBONES)}")
+        path = found[0]
+    check_export(path)
+    return path
 
 
 def load_frozen(path: str | Path, num_heads: int | None, device: str) -> DinoVisionTransformer:

@@ -5,13 +5,21 @@ sha256 of every file), written last: a directory without it, or whose files no l
 match it, is not a checkpoint. Each is written under a temporary name and renamed, so a job
 killed mid-write leaves no half checkpoint behind under a valid name.
 
-Only tensors go into a checkpoint, and DCP's metadata file (a pickle) is read with an
-unpickler that admits DCP's own metadata classes and nothing else: loading a checkpoint
-can never run code.
+Only tensors go into a checkpoint, and nothing in one is ever unpickled beyond DCP's own
+metadata classes: the metadata file is read with an unpickler that admits those alone
+(not DCP's "bytes" entries, which hold arbitrary pickles), and tensors are loaded through
+a planner that refuses bytes entries. The sha256 manifest guards against truncation and
+bit rot, not against an attacker, who can rewrite it together with the files.
+
+What a run can rely on: it resumes from the newest checkpoint that verifies; it never
+starts over silently when checkpoints exist but none verifies; an invalid checkpoint is
+moved aside (to `checkpoints/invalid/`) rather than kept in place of a valid one; a state
+holding non-finite values is never saved; a full disk is named as such.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -19,6 +27,7 @@ import logging
 import os
 import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +35,22 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
+
+from dinospec.distributed import host_group
+from dinospec.models.checkpoints import CheckpointError
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
 PREFIX = "iter_"
+TMP_PREFIX = f".tmp_{PREFIX}"
+INVALID_DIR = "invalid"
+SPACE_MARGIN = 1.1
+"""A checkpoint takes its tensors' bytes plus DCP's metadata and alignment; 10% covers it."""
+
 _SAFE_GLOBALS = {
     *(
         ("torch.distributed.checkpoint.metadata", name)
@@ -42,7 +61,6 @@ _SAFE_GLOBALS = {
             "TensorProperties",
             "TensorStorageMetadata",
             "ChunkStorageMetadata",
-            "BytesStorageMetadata",
             "_MEM_FORMAT_ENCODING",
         )
     ),
@@ -53,10 +71,28 @@ _SAFE_GLOBALS = {
     ("pathlib", "PurePosixPath"),
     ("collections", "OrderedDict"),
 }
+_NO_SPACE_SYMPTOMS = ("No space left", "unexpected pos", "file write failed")
+"""How ENOSPC reaches us from torch's zip writer, which drops the errno."""
 
 
-class CheckpointCorrupt(RuntimeError):
-    """A checkpoint directory that is incomplete, altered or unreadable."""
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint directory that is incomplete, altered, crafted or unreadable."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A valid checkpoint whose tensors do not fit the run's model: the config changed."""
+
+
+class NoValidCheckpoint(CheckpointError):
+    """Checkpoints exist but none verifies; starting over would throw the run away."""
+
+
+class NonFiniteState(CheckpointError):
+    """The state to save holds NaN or inf: saving it would replace a good checkpoint."""
+
+
+class NoSpaceLeft(CheckpointError):
+    """The checkpoint does not fit on its file system."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -64,20 +100,40 @@ class _MetadataUnpickler(pickle.Unpickler):
         is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if is_dtype or (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        raise CheckpointCorrupt(f"checkpoint metadata refers to {module}.{name}; refusing it")
+        raise CheckpointCorrupt(
+            f"checkpoint metadata refers to {module}.{name}; refusing it (a dinospec "
+            "checkpoint holds tensors only)"
+        )
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP reader whose metadata load cannot execute arbitrary code."""
+    """DCP reader whose metadata load cannot execute code and admits tensor entries only."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
         metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
         if not isinstance(metadata, Metadata):
             raise CheckpointCorrupt(f"{path}: not DCP metadata ({type(metadata).__name__})")
+        not_tensors = [
+            key
+            for key, entry in metadata.state_dict_metadata.items()
+            if not isinstance(entry, TensorStorageMetadata)
+        ]
+        if not_tensors:
+            raise CheckpointCorrupt(f"{path}: entries that are not tensors: {not_tensors[:8]}")
         if getattr(metadata, "storage_meta", None) is not None:
             metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class TensorOnlyLoadPlanner(DefaultLoadPlanner):
+    """The default planner unpickles bytes entries with `weights_only=False`; this one
+    refuses them, so no metadata trick can reach an unpickler."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        raise CheckpointCorrupt(
+            f"entry {read_item.dest_index.fqn!r} holds pickled bytes; refusing to unpickle it"
+        )
 
 
 def _is_main() -> bool:
@@ -87,6 +143,23 @@ def _is_main() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _all_ranks(flag: bool) -> bool:
+    """Whether `flag` holds on every rank, so that all ranks take the same branch."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=host_group())
+    return bool(value.item())
+
+
+def _total(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, group=host_group())
+    return int(tensor.item())
 
 
 def _file_digest(path: Path) -> str:
@@ -105,33 +178,147 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+def flatten(state: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(key, value) pairs under the dotted keys DCP stores nested dicts with."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def nonfinite_entries(state: dict[str, Any]) -> list[str]:
+    """Keys of floating tensors holding NaN or inf on this rank, with one device sync."""
+    floats = [
+        (key, _local(v))
+        for key, v in flatten(state)
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    ]
+    if not floats:
+        return []
+    flags = torch.stack([torch.isfinite(t).all() for _, t in floats]).tolist()
+    return [key for (key, _), ok in zip(floats, flags, strict=True) if not ok]
+
+
+def state_bytes(state: dict[str, Any]) -> int:
+    """Bytes this rank's share of `state` occupies once written."""
+    return sum(
+        _local(v).numel() * v.element_size()
+        for _, v in flatten(state)
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def _check_space(root: Path, needed: int) -> None:
+    free = shutil.disk_usage(root).free
+    if not _all_ranks(free >= needed):
+        raise NoSpaceLeft(
+            f"no space left on device for {root} (need ~{needed / 2**20:.0f} MB for the "
+            f"checkpoint, {free / 2**20:.0f} MB free); free some space and rerun: the run "
+            f"resumes from its newest checkpoint"
+        )
+
+
+def _is_out_of_space(err: BaseException) -> bool:
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if any(symptom in str(err) for symptom in _NO_SPACE_SYMPTOMS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write `state` (nested dicts of tensors / DTensors) as checkpoint `iteration`."""
+    """Write `state` (nested dicts of tensors / DTensors) as checkpoint `iteration`, after
+    checking that it is finite and fits on disk; older ones are pruned only once the new
+    one is verified."""
+    bad = nonfinite_entries(state)
+    if not _all_ranks(not bad):
+        newest = list_checkpoints(root)
+        raise NonFiniteState(
+            f"refusing to save iteration {iteration}: non-finite values in "
+            f"{bad[:8] or 'another rank'}; the training diverged. Newest checkpoint, written "
+            f"before it: {newest[-1] if newest else 'none'}"
+        )
     final = root / f"{PREFIX}{iteration:08d}"
-    tmp = root / f".tmp_{PREFIX}{iteration:08d}"
+    tmp = root / f"{TMP_PREFIX}{iteration:08d}"
     if _is_main():
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
-    _barrier()
+    _check_space(root, int(_total(state_bytes(state)) * SPACE_MARGIN))
     if _is_main():
-        manifest = {"iteration": iteration, "files": _manifest(tmp)}
-        (tmp / MARKER).write_text(json.dumps(manifest, indent=1))
+        tmp.mkdir()
+    _barrier()
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+        _barrier()
+        if _is_main():
+            manifest = {"iteration": iteration, "files": _manifest(tmp)}
+            (tmp / MARKER).write_text(json.dumps(manifest, indent=1))
+    except Exception as err:
+        if _is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _is_out_of_space(err):
+            raise NoSpaceLeft(
+                f"no space left on device while writing {final} "
+                f"(need ~{_total(state_bytes(state)) / 2**20:.0f} MB); the partial "
+                "checkpoint was removed, the run resumes from its newest checkpoint"
+            ) from err
+        raise
+    if _is_main():
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        verify_checkpoint(final)
+        _prune(root, final, keep_last)
     _barrier()
     return final
 
 
+def _prune(root: Path, newest: Path, keep_last: int) -> None:
+    """Keep `newest` and the checkpoints just older than it whose files still have their
+    recorded sizes (a cheap check; `newest` itself was verified in full)."""
+    order = int(newest.name.removeprefix(PREFIX))
+    older = [p for p in list_checkpoints(root) if int(p.name.removeprefix(PREFIX)) < order]
+    kept = 1
+    for path in reversed(older):
+        if kept < keep_last and _sizes_match(path):
+            kept += 1
+            continue
+        if kept < keep_last:
+            _move_aside(root, path, "files no longer have their recorded sizes")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _sizes_match(path: Path) -> bool:
+    try:
+        files = json.loads((path / MARKER).read_text())["files"]
+        return all((path / name).stat().st_size == entry["size"] for name, entry in files.items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete-looking checkpoints, oldest first (validity is checked on load)."""
+    return sorted(
+        (p for p in _iteration_dirs(root) if (p / MARKER).is_file()),
+        key=lambda p: int(p.name.removeprefix(PREFIX)),
+    )
+
+
+def _iteration_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+    return [
+        p
+        for p in root.iterdir()
+        if p.name.startswith(PREFIX) and p.name.removeprefix(PREFIX).isdigit()
+    ]
 
 
 def verify_checkpoint(path: Path) -> int:
@@ -140,7 +327,7 @@ def verify_checkpoint(path: Path) -> int:
         manifest = json.loads((path / MARKER).read_text())
         expected = manifest["files"]
     except (OSError, ValueError, KeyError) as err:
-        raise CheckpointCorrupt(f"{path}: unreadable manifest: {err}") from err
+        raise CheckpointCorrupt(f"{path}: unreadable manifest {MARKER}: {err}") from err
     actual = _manifest(path)
     if actual != expected:
         changed = sorted(
@@ -152,29 +339,107 @@ def verify_checkpoint(path: Path) -> int:
     return int(manifest["iteration"])
 
 
+def _check_fits(path: Path, metadata: Metadata, state: dict[str, Any]) -> None:
+    """Keys and shapes of the checkpoint against the run's state, all differences at once:
+    a mismatch means the config changed since the checkpoint, not that it is damaged."""
+    stored = {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items()}
+    wanted = {k: tuple(v.shape) for k, v in flatten(state) if isinstance(v, torch.Tensor)}
+    problems = [
+        (title, sorted(keys)[:10], len(keys))
+        for title, keys in (
+            ("in the run but not in the checkpoint", wanted.keys() - stored.keys()),
+            ("in the checkpoint but not in the run", stored.keys() - wanted.keys()),
+            (
+                "with other shapes (checkpoint vs run)",
+                [
+                    f"{k}: {stored[k]} vs {wanted[k]}"
+                    for k in wanted.keys() & stored.keys()
+                    if stored[k] != wanted[k]
+                ],
+            ),
+        )
+        if keys
+    ]
+    if problems:
+        lines = "\n".join(f"  {n} tensors {title}: {', '.join(k)}" for title, k, n in problems)
+        raise CheckpointMismatch(
+            f"{path} does not fit the model this config builds; the config changed since the "
+            f"checkpoint was written (model, heads or optimizer settings):\n{lines}"
+        )
+
+
 def load_checkpoint(path: Path, state: dict[str, Any]) -> int:
     """Load a verified checkpoint into `state` in place; returns its iteration."""
     iteration = verify_checkpoint(path)
+    reader = SafeFileSystemReader(str(path))
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
-    except CheckpointCorrupt:
-        raise
+        metadata = reader.read_metadata()
+    except CheckpointCorrupt as err:
+        raise CheckpointCorrupt(f"{path}: {err}") from err
+    except Exception as err:
+        raise CheckpointCorrupt(f"{path}: unreadable metadata: {err}") from err
+    _check_fits(path, metadata, state)
+    try:
+        dcp.load(state, storage_reader=reader, planner=TensorOnlyLoadPlanner())
     except Exception as err:
         raise CheckpointCorrupt(f"{path}: cannot be loaded: {err}") from err
     return iteration
 
 
-def resume_latest(root: Path, state: dict[str, Any]) -> int | None:
-    """Load the newest valid checkpoint; corrupt ones are reported and skipped.
+def _move_aside(root: Path, path: Path, reason: str) -> None:
+    """Keep an invalid checkpoint for inspection where neither resume nor pruning sees it."""
+    target = root / INVALID_DIR / path.name
+    target.parent.mkdir(exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    log.warning("moved invalid checkpoint %s to %s: %s", path, target, reason)
 
-    Returns the iteration it resumed at, or None when there is nothing to resume.
+
+def _remove_partial_writes(root: Path) -> None:
+    """A write killed before its rename leaves a temporary directory that only holds space."""
+    for tmp in root.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted checkpoint write", tmp)
+
+
+def resume_latest(root: Path, state: dict[str, Any], discard_invalid: bool = False) -> int | None:
+    """Load the newest valid checkpoint into `state`; returns its iteration, or None when
+    the run has no checkpoint yet.
+
+    Invalid checkpoints newer than the one resumed from are moved aside. When there are
+    checkpoints but none is valid, this raises `NoValidCheckpoint` listing each with its
+    reason, unless `discard_invalid` asks to move them all aside and start over. A
+    checkpoint that does not fit the model stops the run at once: older ones would not
+    fit either, and falling back would hide a config change.
     """
-    for path in reversed(list_checkpoints(root)):
+    if _is_main():
+        _remove_partial_writes(root)
+    complete = list_checkpoints(root)
+    failures = [
+        (p, f"no {MARKER}: an interrupted or damaged checkpoint")
+        for p in _iteration_dirs(root)
+        if p not in complete
+    ]
+    resumed = None
+    for path in reversed(complete):
         try:
-            iteration = load_checkpoint(path, state)
+            resumed = load_checkpoint(path, state)
+            break
         except CheckpointCorrupt as err:
             log.warning("skipping checkpoint: %s", err)
-            continue
-        log.info("resumed from %s (iteration %d)", path, iteration)
-        return iteration
-    return None
+            failures.append((path, str(err)))
+    if failures and resumed is None and not discard_invalid:
+        listing = "\n".join(f"  {p.name}: {reason}" for p, reason in failures)
+        raise NoValidCheckpoint(
+            f"{root}: none of the run's checkpoints is valid, so it cannot resume:\n{listing}\n"
+            "Nothing was changed. To start this run over from iteration 0 on purpose, rerun "
+            f"with train.discard_invalid_checkpoints=true (they are moved to {INVALID_DIR}/)."
+        )
+    _barrier()
+    if _is_main():
+        for path, reason in failures:
+            _move_aside(root, path, reason.splitlines()[0])
+    _barrier()
+    if resumed is not None:
+        log.info("resumed from iteration %d in %s", resumed, root)
+    return resumed

@@ -1,0 +1,103 @@
+"""The teacher backbone a run exports beside its checkpoints, and the record that ties it
+to them.
+
+Readers (analysis, evaluation) take the export, not the DCP checkpoint, so a kill during
+an export must not leave a truncated file that reads as a trained backbone. Each file is
+written under a temporary name and renamed; then `teacher_backbone.json` records the
+iteration and the sha256 of both files. A reader checks the file against the record and
+the record against the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import Tensor
+
+from dinospec.config import ModelConfig
+from dinospec.models.checkpoints import CheckpointError, write_backbone
+
+log = logging.getLogger(__name__)
+
+STEM = "teacher_backbone"
+SUFFIXES = (".safetensors", ".pth")
+RECORD = f"{STEM}.json"
+CHECKPOINTS = "checkpoints"
+_CHECKPOINT_PREFIX = "iter_"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_export(
+    state_dict: Mapping[str, Tensor], config: ModelConfig, run_dir: Path, iteration: int
+) -> None:
+    """Both export files and their record, each replaced whole or not at all."""
+    digests = {}
+    for suffix in SUFFIXES:
+        path = run_dir / f"{STEM}{suffix}"
+        tmp = run_dir / f".{STEM}.partial{suffix}"
+        try:
+            write_backbone(state_dict, config, tmp)
+            digests[path.name] = _sha256(tmp)
+            _replace_durably(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    record = run_dir / RECORD
+    tmp = run_dir / f".{RECORD}.partial"
+    tmp.write_text(json.dumps({"iteration": iteration, "sha256": digests}, indent=1))
+    _replace_durably(tmp, record)
+
+
+def _newest_checkpoint(run_dir: Path) -> int | None:
+    found = [
+        int(p.name.removeprefix(_CHECKPOINT_PREFIX))
+        for p in (run_dir / CHECKPOINTS).glob(f"{_CHECKPOINT_PREFIX}*")
+        if p.name.removeprefix(_CHECKPOINT_PREFIX).isdigit()
+    ]
+    return max(found, default=None)
+
+
+def check_export(path: Path) -> None:
+    """Raise if an exported file is not the one its record describes (an export cut short);
+    warn if it is older than the run's newest checkpoint. Files outside a run directory,
+    and runs written before records existed, are left to the weight loader's checks."""
+    record_path = path.parent / RECORD
+    if not (path.name.startswith(STEM) and path.suffix in SUFFIXES and record_path.is_file()):
+        return
+    try:
+        record = json.loads(record_path.read_text())
+        expected, iteration = record["sha256"].get(path.name), int(record["iteration"])
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{record_path}: unreadable export record: {err}") from err
+    if expected != _sha256(path):
+        raise CheckpointError(
+            f"{path} is not the export recorded in {record_path.name} (iteration {iteration}): "
+            "its write was cut short or the file was replaced; rerun the training command "
+            "to resume and export again"
+        )
+    newest = _newest_checkpoint(path.parent)
+    if newest is not None and newest != iteration:
+        log.warning(
+            "%s holds the teacher of iteration %d but the run's newest checkpoint is "
+            "iteration %d (the export after it was interrupted)",
+            path,
+            iteration,
+            newest,
+        )
