@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from dinospec.data.datasets import open_image, to_rgb
 from eval.metrics import IGNORE_INDEX
 
 PairTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -103,10 +103,11 @@ CAMVID_ENCODING = LabelEncoding(num_classes=11, first_class_value=0, ignore_valu
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """RGB uint8 (3, H, W); grey or RGBA files are converted so every batch has 3 channels."""
+    """RGB uint8 (3, H, W); grey or RGBA files are converted so every batch has 3 channels,
+    16-bit ones scaled (not clipped), as training reads them."""
     try:
-        with Image.open(path) as img:
-            pixels = np.array(img.convert("RGB"))
+        with open_image(path) as img:
+            pixels = np.array(to_rgb(img, path))
     except OSError as err:
         raise ValueError(f"cannot decode image {path}: {err}") from err
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
@@ -118,7 +119,7 @@ def read_label(path: Path) -> torch.Tensor:
     PIL rather than torchvision: a palette PNG must give its indices, not its colours.
     """
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             values = np.array(img)
     except OSError as err:
         raise ValueError(f"cannot decode label {path}: {err}") from err

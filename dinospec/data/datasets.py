@@ -9,21 +9,30 @@ DataLoader workers; past `max_bad_fraction` of the dataset, loading fails loudly
 
 Images come as PIL images (`load_rgb`, what evaluation transforms expect) or, for
 training, as uint8 tensors (`load_rgb_tensor`), which the multi-crop augmentation works on.
+Both go through `open_image` and `to_rgb`: PIL's own conversion clips 16-bit and float
+pixels to 255 (a 16-bit PNG turns almost white) and only warns about an image over its
+pixel limit, so high bit depths are scaled here and an oversized image is an error that
+names its file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
+
+from dinospec.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +42,26 @@ IMAGE_EXTENSIONS = frozenset(
 NO_LABEL = -1
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 EXAMPLE_PATHS = 5
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+SIXTEEN_BIT_MAX = 65535
 
 
-class TooManyBadImagesError(RuntimeError):
-    """More unreadable images than the dataset's max_bad_fraction allows."""
+class TooManyBadImagesError(ConfigError):
+    """More unreadable images than the dataset's max_bad_fraction allows.
+
+    A ConfigError because the user fixes it like one (the data behind `data.path`, or
+    `data.max_bad_fraction`), and so that every command that reports configuration errors as
+    one line reports this one too. Raised in a DataLoader worker, it reaches the main process
+    rebuilt from a message that embeds the worker's traceback; only the original message is
+    kept, so the error still prints as one line.
+    """
+
+    WORKER_MARKER = "TooManyBadImagesError: "
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and self.WORKER_MARKER in message:
+            message = message.rsplit(self.WORKER_MARKER, 1)[1].strip()
+        super().__init__(message)
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -55,10 +80,53 @@ def find_images(root: Path) -> list[Path]:
     return found
 
 
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """PIL's open, with an image over Image.MAX_IMAGE_PIXELS refused as a decompression bomb.
+
+    PIL raises only above twice its limit and merely warns between once and twice, then
+    decodes anyway; its message does not name the file. Here both are one error naming it.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise Image.DecompressionBombError(f"{path}: {err}") from None
+    with image:
+        yield image
+
+
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """An 8-bit RGB image, high bit depths scaled down rather than clipped.
+
+    16-bit grey (I;16*) and 32-bit integer images (I, how PIL opens 16-bit PGM and many
+    16-bit TIFFs) are read as 0..65535 and divided by 257; float images (F) as 0..1 and
+    multiplied by 255. Values outside those scales have no known meaning and are refused
+    (ValueError naming the file). 16-bit RGB(A) PNGs need nothing: PIL already keeps their
+    high bytes.
+    """
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        grey = _scaled(np.asarray(image, dtype=np.float64), SIXTEEN_BIT_MAX, image.mode, path)
+    elif image.mode == "F":
+        grey = _scaled(np.asarray(image, dtype=np.float64), 1.0, image.mode, path)
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _scaled(values: np.ndarray, top: float, mode: str, path: Path) -> np.ndarray:
+    """uint8 values of `values`, whose full scale is [0, top]."""
+    if not (np.isfinite(values).all() and 0 <= values.min() <= values.max() <= top):
+        found = f"[{values.min():g}, {values.max():g}]"
+        raise ValueError(f"{path}: mode {mode} with pixel values {found}, outside [0, {top:g}]")
+    return np.round(values * (255 / top)).astype(np.uint8)
+
+
 def load_rgb(path: Path) -> Image.Image:
     """Decode fully now (PIL is lazy), so a truncated file fails here, not in a transform."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    with open_image(path) as image:
+        return to_rgb(image, path)
 
 
 def load_rgb_tensor(path: Path) -> Tensor:
