@@ -2,16 +2,20 @@
 
 A typo in a key, a value of the wrong type, or a value that cannot work (embed_dim not
 divisible by num_heads, a block index past the depth) must fail at load time with the key,
-the value and the file that set it, not hours later on a cluster.
+the value and the file that set it, not hours later on a cluster. Every numeric key has its
+allowed values declared once, in MODEL_RANGES or TRAINING_RANGES (eval.config has its own
+table), so a new key is validated by adding one entry there.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -28,6 +32,104 @@ Schema = TypeVar("Schema")
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the source, key and value."""
+
+
+class Allowed(Protocol):
+    """The values a key may take: `value in allowed`, and `str(allowed)` completes
+    "must be ..." in error messages."""
+
+    def __contains__(self, value: Any) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Range:
+    """Finite numbers from `low` to `high` (None: unbounded), each end included unless open."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if not isinstance(value, int) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (not self.open_high and value == self.high)
+
+    def __str__(self) -> str:
+        left = "(" if self.open_low or self.low is None else "["
+        right = ")" if self.open_high or self.high is None else "]"
+        low = "-inf" if self.low is None else self.low
+        high = "inf" if self.high is None else self.high
+        return f"in {left}{low}, {high}{right}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A number from a short list (e.g. the layer counts a probe supports)."""
+
+    values: tuple[float, ...]
+
+    def __contains__(self, value: Any) -> bool:
+        return value in self.values
+
+    def __str__(self) -> str:
+        return f"one of {list(self.values)}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A `[low, high]` range whose ends both lie in `ends` (crop scales, mask ratios)."""
+
+    ends: Range
+
+    def __contains__(self, value: Any) -> bool:
+        return len(value) == 2 and all(v in self.ends for v in value) and value[0] <= value[1]
+
+    def __str__(self) -> str:
+        return f"[low, high] with low <= high, both {self.ends}"
+
+
+@dataclass(frozen=True)
+class Each:
+    """A list (non-empty unless `may_be_empty`) whose every element is allowed by `element`."""
+
+    element: Range | OneOf
+    may_be_empty: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        return (self.may_be_empty or len(value) > 0) and all(v in self.element for v in value)
+
+    def __str__(self) -> str:
+        empty = "a list" if self.may_be_empty else "a non-empty list"
+        return f"{empty} with every element {self.element}"
+
+
+COUNT = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, open_low=True)
+UNIT = Range(0, 1)
+BELOW_ONE = Range(0, 1, open_high=True)
+FRACTION = Range(0, 1, open_low=True)
+# torch.manual_seed takes at most 64 bits; numpy's seed sequences take no negative number.
+SEED = Range(0, 2**64 - 1)
+
+
+def range_problems(obj: Any, ranges: Mapping[str, Allowed]) -> list[tuple[str, Any, str]]:
+    """(key, value, what is allowed) for each value of the dataclass `obj` that its entry in
+    `ranges` (dotted keys from obj) does not allow. A null passes: the schema's type already
+    says which keys may be null, and the message then says so."""
+    out = []
+    for key, allowed in ranges.items():
+        parent_key, _, name = key.rpartition(".")
+        parent = attrgetter(parent_key)(obj) if parent_key else obj
+        value = getattr(parent, name)
+        if value is None or value in allowed:
+            continue
+        nullable = type(None) in typing.get_args(typing.get_type_hints(type(parent))[name])
+        out.append((key, value, f"must be {allowed}{' or null' if nullable else ''}"))
+    return out
 
 
 @dataclass
@@ -186,6 +288,80 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+MODEL_RANGES: dict[str, Allowed] = {
+    "img_size": COUNT,
+    "patch_size": COUNT,
+    "in_chans": COUNT,
+    "embed_dim": COUNT,
+    "depth": COUNT,
+    "num_heads": COUNT,
+    "mlp_ratio": POSITIVE,
+    "drop_path_rate": BELOW_ONE,
+    "init_values": POSITIVE,  # null: no LayerScale
+    "num_register_tokens": NON_NEGATIVE,
+    "interpolate_offset": NON_NEGATIVE,
+}
+"""Allowed values of every numeric key of ModelConfig (keys relative to `model`)."""
+
+TRAINING_RANGES: dict[str, Allowed] = {
+    "data.synthetic_size": COUNT,
+    "data.synthetic_image_size": COUNT,
+    "data.num_workers": NON_NEGATIVE,
+    "data.max_bad_fraction": BELOW_ONE,
+    "crops.global_crops_scale": Pair(FRACTION),
+    "crops.local_crops_scale": Pair(FRACTION),
+    "crops.local_crops_number": NON_NEGATIVE,
+    "crops.global_crops_size": COUNT,
+    "crops.local_crops_size": COUNT,
+    "crops.blur_sigma": Pair(POSITIVE),
+    "dino.loss_weight": NON_NEGATIVE,
+    "dino.koleo_loss_weight": NON_NEGATIVE,
+    "dino.head_n_prototypes": COUNT,
+    "dino.head_hidden_dim": COUNT,
+    "dino.head_bottleneck_dim": COUNT,
+    "dino.head_nlayers": COUNT,
+    "ibot.loss_weight": NON_NEGATIVE,
+    "ibot.mask_sample_probability": UNIT,
+    "ibot.mask_ratio_min_max": Pair(FRACTION),
+    "ibot.head_n_prototypes": COUNT,
+    "ibot.head_hidden_dim": COUNT,
+    "ibot.head_bottleneck_dim": COUNT,
+    "ibot.head_nlayers": COUNT,
+    "teacher.momentum_teacher": UNIT,
+    "teacher.final_momentum_teacher": UNIT,
+    "teacher.teacher_temp": POSITIVE,
+    "teacher.warmup_teacher_temp": POSITIVE,
+    "teacher.warmup_teacher_temp_epochs": NON_NEGATIVE,
+    "optim.epochs": COUNT,
+    "optim.base_lr": NON_NEGATIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.weight_decay_end": NON_NEGATIVE,
+    "optim.layerwise_decay": FRACTION,
+    "optim.patch_embed_lr_mult": NON_NEGATIVE,
+    "optim.clip_grad": POSITIVE,  # always applied: a max norm of 0 would zero every gradient
+    "optim.freeze_last_layer_epochs": NON_NEGATIVE,
+    "optim.adamw_beta1": BELOW_ONE,
+    "optim.adamw_beta2": BELOW_ONE,
+    "train.seed": SEED,
+    "train.batch_size_per_gpu": COUNT,
+    "train.epoch_length": COUNT,
+    "train.log_every": COUNT,
+    "train.checkpoint_every": COUNT,
+    "train.keep_last": COUNT,
+    "train.max_nonfinite_skips": NON_NEGATIVE,
+    "train.max_iterations": COUNT,  # null: the whole schedule; 0 would be ambiguous
+}
+"""Allowed values of every numeric key of Config outside `model`."""
+
+CONFIG_RANGES: dict[str, Allowed] = {
+    **{f"model.{key}": allowed for key, allowed in MODEL_RANGES.items()},
+    **TRAINING_RANGES,
+}
+"""Every numeric key of Config, with its allowed values."""
+
+
 def resolve_blocks(value: Any, depth: int) -> list[int]:
     """Turn a block selection (see SpecializeConfig) into sorted block indices.
 
@@ -266,6 +442,23 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, DictConfi
     return sources
 
 
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """`key=value` overrides as one config. Each is parsed alone first, so that a value that
+    is not valid YAML is reported with its key: the parser's own error names only a line and
+    column of an anonymous string."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"command line: overrides must look like key=value, got {bad}")
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            key, _, value = override.partition("=")
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"command line: {key}={value!r}: not valid YAML ({reason})") from err
+    return OmegaConf.from_dotlist(list(overrides))
+
+
 def load_schema(
     schema: type[Schema], path: str | Path | None, overrides: Sequence[str]
 ) -> tuple[Schema, Provenance]:
@@ -273,10 +466,7 @@ def load_schema(
     `a.b=value` overrides, with the provenance of every key for validation messages."""
     sources = _read_yaml(Path(path).resolve(), ()) if path is not None else []
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"command line: overrides must look like key=value, got {bad}")
-        sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        sources.append(("command line", _parse_overrides(overrides)))
     merged = OmegaConf.structured(schema)
     provenance = Provenance()
     for label, cfg in sources:
@@ -311,27 +501,15 @@ def config_to_yaml(config: Config) -> str:
 
 def model_problems(m: ModelConfig) -> list[tuple[str, Any, str]]:
     """Every impossible value of a model config, as (key, value, what is wrong)."""
-    out: list[tuple[str, Any, str]] = []
-    positive = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
-    out += [(k, getattr(m, k), "must be > 0") for k in positive if getattr(m, k) <= 0]
+    out = range_problems(m, MODEL_RANGES)
     if m.num_heads > 0 and m.embed_dim % m.num_heads:
         out.append(("num_heads", m.num_heads, f"must divide embed_dim={m.embed_dim}"))
     if m.patch_size > 0 and m.img_size % m.patch_size:
         out.append(("img_size", m.img_size, f"must be a multiple of patch_size={m.patch_size}"))
-    if m.mlp_ratio <= 0:
-        out.append(("mlp_ratio", m.mlp_ratio, "must be > 0"))
     if m.ffn_layer not in FFN_LAYERS:
         out.append(("ffn_layer", m.ffn_layer, f"must be one of {list(FFN_LAYERS)}"))
     if m.attn_backend not in ATTN_BACKENDS:
         out.append(("attn_backend", m.attn_backend, f"must be one of {list(ATTN_BACKENDS)}"))
-    if m.num_register_tokens < 0:
-        out.append(("num_register_tokens", m.num_register_tokens, "must be >= 0"))
-    if not 0.0 <= m.drop_path_rate < 1.0:
-        out.append(("drop_path_rate", m.drop_path_rate, "must be in [0, 1)"))
-    if m.init_values is not None and m.init_values <= 0:
-        out.append(("init_values", m.init_values, "must be > 0, or null for no LayerScale"))
-    if m.interpolate_offset < 0:
-        out.append(("interpolate_offset", m.interpolate_offset, "must be >= 0"))
     if m.specialize.tokens not in PREFIX_TOKENS:
         out.append(("specialize.tokens", m.specialize.tokens, f"must be one of {PREFIX_TOKENS}"))
     for name in ("norm1", "qkv", "proj", "norm2", "ffn_in", "ffn_out"):
@@ -362,13 +540,11 @@ def compile_mode(value: str) -> str | None:
 
 def training_problems(c: Config) -> list[tuple[str, Any, str]]:
     """Impossible values outside the model, as (key, value, what is wrong)."""
-    out: list[tuple[str, Any, str]] = []
+    out = range_problems(c, TRAINING_RANGES)
     if c.data.dataset not in DATASETS:
         out.append(("data.dataset", c.data.dataset, f"must be one of {list(DATASETS)}"))
     if c.data.dataset != "synthetic" and not c.data.path:
         out.append(("data.path", c.data.path, f"is required for dataset '{c.data.dataset}'"))
-    if not 0.0 <= c.data.max_bad_fraction < 1.0:
-        out.append(("data.max_bad_fraction", c.data.max_bad_fraction, "must be in [0, 1)"))
     if c.train.centering not in CENTERINGS:
         out.append(("train.centering", c.train.centering, f"must be one of {list(CENTERINGS)}"))
     if compile_mode(c.train.compile) is None:
@@ -376,27 +552,35 @@ def training_problems(c: Config) -> list[tuple[str, Any, str]]:
     if c.train.precision not in PRECISIONS:
         out.append(("train.precision", c.train.precision, f"must be one of {list(PRECISIONS)}"))
     for key in ("crops.global_crops_size", "crops.local_crops_size"):
-        size = OmegaConf.select(OmegaConf.structured(c), key)
-        if size % c.model.patch_size:
+        size = attrgetter(key)(c)
+        if c.model.patch_size > 0 and size % c.model.patch_size:
             out.append((key, size, f"must be a multiple of patch_size={c.model.patch_size}"))
-    for key in ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max"):
-        pair = list(OmegaConf.select(OmegaConf.structured(c), key))
-        if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= 1:
-            out.append((key, pair, "must be [low, high] with 0 < low <= high <= 1"))
-    sigma = list(c.crops.blur_sigma)
-    if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
-        out.append(("crops.blur_sigma", sigma, "must be [low, high] with 0 < low <= high"))
-    positive = {
-        "train.batch_size_per_gpu": c.train.batch_size_per_gpu,
-        "train.epoch_length": c.train.epoch_length,
-        "train.log_every": c.train.log_every,
-        "train.checkpoint_every": c.train.checkpoint_every,
-        "train.keep_last": c.train.keep_last,
-        "optim.epochs": c.optim.epochs,
-    }
-    out += [(k, v, "must be > 0") for k, v in positive.items() if v <= 0]
     if c.optim.warmup_epochs > c.optim.epochs:
         out.append(
             ("optim.warmup_epochs", c.optim.warmup_epochs, f"exceeds optim.epochs={c.optim.epochs}")
         )
     return out
+
+
+def data_path_problems(data: DataConfig) -> list[str]:
+    """What is wrong with the dataset location (`data.path`), each as one line naming the key
+    and the path, without listing the dataset (a login node must answer in seconds even for
+    ImageNet-22k on network storage).
+
+    load_config does not call this: a config must load where its data is not (`dinospec
+    info`, analysis of a copied run directory, tests). Training calls it where it builds its
+    dataset (`build_image_dataset`), which every entry point goes through, and raises a
+    ConfigError; the launchers make the same check on the submitting machine before anything
+    is submitted (`launch.jobs.data_path_problems`, with the same messages).
+    """
+    if data.dataset == "synthetic":
+        return []
+    path = Path(data.path)
+    if data.dataset == "list":
+        return [] if path.is_file() else [f"data.path={data.path}: image list file not found"]
+    root = path / "train" if data.dataset == "imagenet" else path
+    if not root.is_dir():
+        return [f"data.path={data.path}: {root} is not a directory"]
+    if next(root.iterdir(), None) is None:
+        return [f"data.path={data.path}: {root} is empty"]
+    return []

@@ -3,7 +3,8 @@
 Evaluation configs load exactly like training configs (files may `extends:` each other,
 overrides come last) and fail the same way: an unknown key, a wrong type or a value that
 cannot work is reported with the file (or the command line) that set it, before a backbone
-is loaded or an image is read.
+is loaded or an image is read. The allowed values of every numeric key are declared in
+EVAL_RANGES, with the same kinds of ranges as dinospec.config's tables.
 """
 
 from __future__ import annotations
@@ -15,7 +16,19 @@ from typing import Any
 
 import torch
 
-from dinospec.config import load_schema, raise_problems
+from dinospec.config import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Allowed,
+    Each,
+    OneOf,
+    Range,
+    load_schema,
+    raise_problems,
+    range_problems,
+)
 from eval.linear_cls import LR_GRID
 
 SEG_KINDS = ("ade20k", "camvid", "folder_pairs")
@@ -115,6 +128,41 @@ class EvalConfig:
     seed: int = 0
 
 
+EVAL_RANGES: dict[str, Allowed] = {
+    "backbone.num_heads": COUNT,
+    "dataset.first_class_value": NON_NEGATIVE,
+    "dataset.ignore_values": Each(NON_NEGATIVE, may_be_empty=True),
+    "dataset.max_train_images": COUNT,
+    "dataset.max_val_images": COUNT,
+    "dataset.train_per_class": COUNT,
+    "dataset.val_per_class": COUNT,
+    "dataset.num_workers": NON_NEGATIVE,
+    "seg.iterations": COUNT,
+    "seg.batch_size": COUNT,
+    "seg.lr": POSITIVE,
+    "seg.weight_decay": NON_NEGATIVE,
+    "seg.warmup_iterations": NON_NEGATIVE,
+    "seg.crop_size": COUNT,
+    "seg.stride": COUNT,
+    "seg.base_size": COUNT,
+    "seg.n_layers": OneOf(N_LAYERS),
+    "seg.num_visualized": NON_NEGATIVE,
+    "cls.n_last_blocks": OneOf(N_LAYERS),
+    "cls.image_size": COUNT,
+    "cls.resize_size": COUNT,
+    "cls.feature_batch_size": COUNT,
+    "cls.ks": Each(COUNT),
+    "cls.temperature": POSITIVE,
+    "cls.lrs": Each(POSITIVE),
+    "cls.epochs": COUNT,
+    "cls.batch_size": COUNT,
+    "cls.holdout_fraction": Range(0, 1, open_low=True, open_high=True),
+    "seed": SEED,
+}
+"""Allowed values of every numeric key of EvalConfig (null, where the schema allows it,
+means no limit)."""
+
+
 def load_eval_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
     """An evaluation config, validated; every problem is reported at once."""
     config, provenance = load_schema(EvalConfig, path, overrides)
@@ -124,7 +172,7 @@ def load_eval_config(path: str | Path | None = None, overrides: Sequence[str] = 
 
 def eval_problems(c: EvalConfig) -> list[tuple[str, Any, str]]:
     """Every impossible value, as (key, value, what is wrong)."""
-    out: list[tuple[str, Any, str]] = []
+    out = range_problems(c, EVAL_RANGES)
     if not c.backbone.path:
         out.append(
             ("backbone.path", c.backbone.path, "is required (run dir, .pth or .safetensors)")
@@ -153,56 +201,26 @@ def _dataset_problems(d: DatasetSource) -> list[tuple[str, Any, str]]:
         out.append(("dataset.root", d.root, f"is required for kind '{d.kind}'"))
     if d.class_file and d.kind in ("ade20k", "camvid"):
         out.append(("dataset.class_file", d.class_file, f"{d.kind} has built-in class names"))
-    limits = ("max_train_images", "max_val_images", "train_per_class", "val_per_class")
-    out += [
-        (f"dataset.{k}", getattr(d, k), "must be > 0 or null")
-        for k in limits
-        if getattr(d, k) is not None and getattr(d, k) <= 0
-    ]
-    if d.num_workers < 0:
-        out.append(("dataset.num_workers", d.num_workers, "must be >= 0"))
     return out
 
 
-def _positive(section: str, obj: Any, keys: Sequence[str]) -> list[tuple[str, Any, str]]:
-    return [
-        (f"{section}.{k}", getattr(obj, k), "must be > 0") for k in keys if getattr(obj, k) <= 0
-    ]
-
-
 def _seg_problems(s: SegSettings) -> list[tuple[str, Any, str]]:
-    positive = ("iterations", "batch_size", "lr", "crop_size", "stride", "base_size")
-    out = _positive("seg", s, positive)
-    if s.n_layers not in N_LAYERS:
-        out.append(("seg.n_layers", s.n_layers, f"must be one of {list(N_LAYERS)}"))
-    if s.weight_decay < 0:
-        out.append(("seg.weight_decay", s.weight_decay, "must be >= 0"))
-    if not 0 <= s.warmup_iterations <= s.iterations:
+    out: list[tuple[str, Any, str]] = []
+    if s.warmup_iterations > s.iterations:
         out.append(
-            ("seg.warmup_iterations", s.warmup_iterations, f"must be in [0, {s.iterations}]")
+            ("seg.warmup_iterations", s.warmup_iterations, f"exceeds seg.iterations={s.iterations}")
         )
     if s.stride > s.crop_size:
         out.append(("seg.stride", s.stride, f"exceeds crop_size={s.crop_size}: pixels uncovered"))
-    if s.num_visualized < 0:
-        out.append(("seg.num_visualized", s.num_visualized, "must be >= 0"))
     return out
 
 
 def _cls_problems(s: ClsSettings) -> list[tuple[str, Any, str]]:
-    positive = ("image_size", "resize_size", "feature_batch_size", "temperature", "epochs")
-    out = _positive("cls", s, (*positive, "batch_size"))
-    if s.n_last_blocks not in N_LAYERS:
-        out.append(("cls.n_last_blocks", s.n_last_blocks, f"must be one of {list(N_LAYERS)}"))
+    out: list[tuple[str, Any, str]] = []
     if s.resize_size < s.image_size:
         out.append(("cls.resize_size", s.resize_size, f"is below image_size={s.image_size}"))
-    if not s.ks or any(k <= 0 for k in s.ks):
-        out.append(("cls.ks", s.ks, "must be a non-empty list of positive integers"))
-    if not s.lrs or any(lr <= 0 for lr in s.lrs):
-        out.append(("cls.lrs", s.lrs, "must be a non-empty list of positive learning rates"))
     if s.optimizer not in ("sgd", "adamw"):
         out.append(("cls.optimizer", s.optimizer, "must be 'sgd' or 'adamw'"))
-    if not 0 < s.holdout_fraction < 1:
-        out.append(("cls.holdout_fraction", s.holdout_fraction, "must be in (0, 1)"))
     if not (s.knn or s.linear):
         out.append(("cls.knn", s.knn, "nothing to do: cls.knn and cls.linear are both false"))
     return out

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dinospec.config import Config
+from dinospec.config import Config, ConfigError, data_path_problems
 from dinospec.data.collate import masks_weight, stack_crops, stratified_mask_ratios
 from dinospec.data.datasets import ImageList, ImageNetFolder, ImageTree, load_rgb_tensor
 from dinospec.data.masking import MaskingGenerator
@@ -34,21 +34,30 @@ def derived_seed(*keys: int) -> int:
 
 
 def build_image_dataset(config: Config) -> Dataset:
-    """The unlabelled image source named by `data`; a missing path fails here, before any
-    model is built. Files are decoded to uint8 tensors, the input the augmentation works on,
-    so no PIL image is built on the way."""
+    """The unlabelled image source named by `data`. A missing or imageless dataset is a
+    ConfigError naming `data.path`, raised here, before any model is built: every way of
+    training (`dinospec train`, launch.local, a SLURM job) builds its data through this
+    function, whereas a config loads where its data is not (see data_path_problems). Files
+    are decoded to uint8 tensors, the input the augmentation works on, so no PIL image is
+    built on the way."""
     data = config.data
     if data.dataset == "synthetic":
         return SyntheticScenes(
             data.synthetic_size, data.synthetic_image_size, seed=config.train.seed
         )
+    problems = data_path_problems(data)
+    if problems:
+        raise ConfigError("; ".join(problems))
     path = Path(data.path)
     options = {"max_bad_fraction": data.max_bad_fraction, "loader": load_rgb_tensor}
-    if data.dataset == "imagenet":
-        return ImageNetFolder(path / "train", **options)
-    if data.dataset == "folder":
-        return ImageTree(path, **options)
-    return ImageList(path, **options)
+    try:
+        if data.dataset == "imagenet":
+            return ImageNetFolder(path / "train", **options)
+        if data.dataset == "folder":
+            return ImageTree(path, **options)
+        return ImageList(path, **options)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.path={data.path}: {err}") from err
 
 
 class PositionSampler(Sampler[tuple[int, int]]):

@@ -152,7 +152,7 @@ class Trainer:
         self.global_batch = config.train.batch_size_per_gpu * self.info.world_size
         self.schedules = schedules_for(config, self.global_batch)
         self.total = o.epochs * config.train.epoch_length
-        self.stop = min(self.total, config.train.max_iterations or self.total)
+        self.stop = min(n for n in (self.total, config.train.max_iterations) if n is not None)
         self.progress = Progress()
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
