@@ -274,6 +274,9 @@ class TrainConfig:
     # Autocast dtype of the forward passes (and FSDP2's parameter dtype): bf16, fp32, or
     # auto (bf16 with CUDA, fp32 on CPU).
     precision: str = "auto"
+    # When checkpoints exist but none verifies, a run stops and lists them; set this to
+    # start over from iteration 0 on purpose (they are moved to checkpoints/invalid/).
+    discard_invalid_checkpoints: bool = False
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dinospec.config import Config, config_to_yaml, load_config
-from dinospec.train.checkpoint import list_checkpoints
+from dinospec.train.checkpoint import list_checkpoints, newest_plausible
 
 
 class JobType(Protocol):
@@ -37,9 +37,8 @@ class JobType(Protocol):
         """Where a resubmitted job will pick up, or None if there is nothing to resume."""
         ...
 
-    def job(self, config: Any, preemptible: bool) -> Callable[[], Any]:
-        """The picklable callable every task runs; a preemptible one checkpoints on SLURM's
-        signals (only under SLURM: elsewhere a signal may mean a peer process is gone)."""
+    def job(self, config: Any) -> Callable[[], Any]:
+        """The picklable callable every task runs, under SLURM and in `launch.local`."""
         ...
 
 
@@ -91,15 +90,22 @@ class TrainJobType:
         return config_to_yaml(config)
 
     def progress(self, output_dir: Path) -> str | None:
-        found = list_checkpoints(output_dir / "checkpoints")
+        root = output_dir / "checkpoints"
+        newest = newest_plausible(root)
+        if newest is not None:
+            return f"the newest checkpoint, {newest.name} (verified when the job starts)"
+        found = list_checkpoints(root)
         if not found:
             return None
-        return f"the newest checkpoint, {found[-1].name} (older ones are fallbacks)"
+        return (
+            f"a valid checkpoint, but none of the {len(found)} there has its recorded sizes: "
+            "the job will stop and list them unless train.discard_invalid_checkpoints=true"
+        )
 
-    def job(self, config: Config, preemptible: bool) -> Callable[[], Any]:
+    def job(self, config: Config) -> Callable[[], Any]:
         from launch.train_job import TrainJob
 
-        return TrainJob(config, handle_signals=preemptible)
+        return TrainJob(config)
 
 
 class EvalJobType:
@@ -145,7 +151,7 @@ class EvalJobType:
     def progress(self, output_dir: Path) -> str | None:
         return None
 
-    def job(self, config: Any, preemptible: bool) -> Callable[[], Any]:
+    def job(self, config: Any) -> Callable[[], Any]:
         from launch.eval_job import EvalJob
 
         return EvalJob(config, self.kind)

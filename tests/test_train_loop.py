@@ -118,7 +118,10 @@ def test_nonfinite_loss_skips_then_stops_naming_the_term(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(KoLeoLoss, "forward", lambda self, x, eps=1e-8: x.sum() * float("nan"))
     config = tiny_config(tmp_path / "run", "train.max_nonfinite_skips=2")
-    with pytest.raises(NonFiniteLossError, match=r"\['koleo'\].*Last good checkpoint"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"\['koleo'\].*Last checkpoint written before the divergence: none",
+    ):
         train(config)
     assert capsys.readouterr().out.count("non-finite loss term(s) ['koleo']; update skipped") == 3
     assert not (tmp_path / "run" / "checkpoints").exists()

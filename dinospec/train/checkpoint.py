@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
@@ -48,6 +49,7 @@ MARKER = "COMPLETE.json"
 PREFIX = "iter_"
 TMP_PREFIX = f".tmp_{PREFIX}"
 INVALID_DIR = "invalid"
+DIVERGED_DIR = "diverged"
 SPACE_MARGIN = 1.1
 """A checkpoint takes its tensors' bytes plus DCP's metadata and alignment; 10% covers it."""
 
@@ -217,20 +219,24 @@ def _check_space(root: Path, needed: int) -> None:
     free = shutil.disk_usage(root).free
     if not _all_ranks(free >= needed):
         raise NoSpaceLeft(
-            f"no space left on device for {root} (need ~{needed / 2**20:.0f} MB for the "
-            f"checkpoint, {free / 2**20:.0f} MB free); free some space and rerun: the run "
+            f"no space left on device for {root} (need ~{needed / 2**20:.1f} MB for the "
+            f"checkpoint, {free / 2**20:.1f} MB free); free some space and rerun: the run "
             f"resumes from its newest checkpoint"
         )
 
 
-def _is_out_of_space(err: BaseException) -> bool:
-    while err is not None:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
-        if any(symptom in str(err) for symptom in _NO_SPACE_SYMPTOMS):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+def _is_out_of_space(err: BaseException | None) -> bool:
+    """Whether ENOSPC is behind `err`: DCP gathers each rank's exception into a
+    CheckpointException, and torch's zip writer reports it without its errno."""
+    if err is None:
+        return False
+    if isinstance(err, CheckpointException):
+        return any(_is_out_of_space(failure) for failure, _ in err.failures.values())
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    if any(symptom in str(err) for symptom in _NO_SPACE_SYMPTOMS):
+        return True
+    return _is_out_of_space(err.__cause__ or err.__context__)
 
 
 def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last: int) -> Path:
@@ -250,7 +256,8 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last
     if _is_main():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    _check_space(root, int(_total(state_bytes(state)) * SPACE_MARGIN))
+    needed = _total(state_bytes(state))
+    _check_space(root, int(needed * SPACE_MARGIN))
     if _is_main():
         tmp.mkdir()
     _barrier()
@@ -260,13 +267,13 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last
         if _is_main():
             manifest = {"iteration": iteration, "files": _manifest(tmp)}
             (tmp / MARKER).write_text(json.dumps(manifest, indent=1))
-    except Exception as err:
+    except (Exception, CheckpointException) as err:
         if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         if _is_out_of_space(err):
             raise NoSpaceLeft(
                 f"no space left on device while writing {final} "
-                f"(need ~{_total(state_bytes(state)) / 2**20:.0f} MB); the partial "
+                f"(need ~{needed / 2**20:.1f} MB); the partial "
                 "checkpoint was removed, the run resumes from its newest checkpoint"
             ) from err
         raise
@@ -282,8 +289,8 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last
 def _prune(root: Path, newest: Path, keep_last: int) -> None:
     """Keep `newest` and the checkpoints just older than it whose files still have their
     recorded sizes (a cheap check; `newest` itself was verified in full)."""
-    order = int(newest.name.removeprefix(PREFIX))
-    older = [p for p in list_checkpoints(root) if int(p.name.removeprefix(PREFIX)) < order]
+    order = checkpoint_iteration(newest)
+    older = [p for p in list_checkpoints(root) if checkpoint_iteration(p) < order]
     kept = 1
     for path in reversed(older):
         if kept < keep_last and _sizes_match(path):
@@ -303,12 +310,33 @@ def _sizes_match(path: Path) -> bool:
         return False
 
 
+def checkpoint_iteration(path: Path) -> int:
+    return int(path.name.removeprefix(PREFIX))
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete-looking checkpoints, oldest first (validity is checked on load)."""
     return sorted(
         (p for p in _iteration_dirs(root) if (p / MARKER).is_file()),
-        key=lambda p: int(p.name.removeprefix(PREFIX)),
+        key=checkpoint_iteration,
     )
+
+
+def newest_plausible(root: Path) -> Path | None:
+    """The newest checkpoint whose files have their recorded sizes: what a launcher can
+    announce without reading every byte (the full check runs when the job starts)."""
+    return next((p for p in reversed(list_checkpoints(root)) if _sizes_match(p)), None)
+
+
+def set_aside_from(root: Path, iteration: int) -> list[Path]:
+    """Move the checkpoints at `iteration` and later to `diverged/`, so a rerun resumes
+    from the one before; returns where they went."""
+    moved = []
+    for path in list_checkpoints(root):
+        if checkpoint_iteration(path) >= iteration:
+            _move_aside(root, path, "holds a diverged state", DIVERGED_DIR)
+            moved.append(root / DIVERGED_DIR / path.name)
+    return moved
 
 
 def _iteration_dirs(root: Path) -> list[Path]:
@@ -345,7 +373,7 @@ def _check_fits(path: Path, metadata: Metadata, state: dict[str, Any]) -> None:
     stored = {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items()}
     wanted = {k: tuple(v.shape) for k, v in flatten(state) if isinstance(v, torch.Tensor)}
     problems = [
-        (title, sorted(keys)[:10], len(keys))
+        (title, sorted(keys, key=_model_first)[:10], len(keys))
         for title, keys in (
             ("in the run but not in the checkpoint", wanted.keys() - stored.keys()),
             ("in the checkpoint but not in the run", stored.keys() - wanted.keys()),
@@ -368,6 +396,11 @@ def _check_fits(path: Path, metadata: Metadata, state: dict[str, Any]) -> None:
         )
 
 
+def _model_first(key: str) -> tuple[bool, str]:
+    """Weights name a config change more plainly than their optimizer moments do."""
+    return key.startswith("optimizer."), key
+
+
 def load_checkpoint(path: Path, state: dict[str, Any]) -> int:
     """Load a verified checkpoint into `state` in place; returns its iteration."""
     iteration = verify_checkpoint(path)
@@ -381,14 +414,14 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> int:
     _check_fits(path, metadata, state)
     try:
         dcp.load(state, storage_reader=reader, planner=TensorOnlyLoadPlanner())
-    except Exception as err:
+    except (Exception, CheckpointException) as err:
         raise CheckpointCorrupt(f"{path}: cannot be loaded: {err}") from err
     return iteration
 
 
-def _move_aside(root: Path, path: Path, reason: str) -> None:
-    """Keep an invalid checkpoint for inspection where neither resume nor pruning sees it."""
-    target = root / INVALID_DIR / path.name
+def _move_aside(root: Path, path: Path, reason: str, folder: str = INVALID_DIR) -> None:
+    """Keep a checkpoint for inspection where neither resume nor pruning sees it."""
+    target = root / folder / path.name
     target.parent.mkdir(exist_ok=True)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(path, target)

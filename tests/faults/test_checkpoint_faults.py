@@ -7,14 +7,28 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
-from train_helpers import run_cli
+from train_helpers import read_metrics, run_cli, tiny_config
 
-from dinospec.train.checkpoint import MARKER, list_checkpoints
+from dinospec.analysis.cli import backbone_file
+from dinospec.models.checkpoints import CheckpointError
+from dinospec.train.checkpoint import (
+    MARKER,
+    CheckpointMismatch,
+    NonFiniteState,
+    NoSpaceLeft,
+    NoValidCheckpoint,
+    list_checkpoints,
+)
+from dinospec.train.exports import RECORD
+from dinospec.train.loop import NonFiniteLossError, Trainer, train
 
 
 class _Payload:
@@ -68,3 +82,147 @@ def test_crafted_bytes_entry_runs_no_code_on_resume(tmp_path):
     assert "resumed" not in resumed.stdout
     assert "BytesStorageMetadata" in resumed.stderr
     assert "Traceback" not in resumed.stderr
+
+
+def _corrupt(checkpoint: Path) -> None:
+    shard = next(checkpoint.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:50])
+
+
+def test_no_valid_checkpoint_stops_instead_of_starting_over(tmp_path):
+    run_dir = train(tiny_config(tmp_path / "run", "train.max_iterations=4"))
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    for path in checkpoints:
+        _corrupt(path)
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(NoValidCheckpoint) as raised:
+        train(tiny_config(run_dir, "train.max_iterations=6"))
+    for path in checkpoints:
+        assert path.name in str(raised.value)
+    assert "discard_invalid_checkpoints" in str(raised.value)
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    assert list_checkpoints(run_dir / "checkpoints") == checkpoints
+
+
+def test_starting_over_on_purpose_keeps_new_checkpoints(tmp_path):
+    """The old pruning kept the highest iteration numbers, corrupt ones included, so a run
+    that started over deleted each new checkpoint as soon as it was written."""
+    run_dir = train(tiny_config(tmp_path / "run", "train.max_iterations=6", "train.keep_last=1"))
+    (newest,) = list_checkpoints(run_dir / "checkpoints")
+    _corrupt(newest)
+    train(
+        tiny_config(
+            run_dir,
+            "train.max_iterations=2",
+            "train.keep_last=1",
+            "train.discard_invalid_checkpoints=true",
+        )
+    )
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["iter_00000002"]
+    assert (run_dir / "checkpoints" / "invalid" / newest.name).is_dir()
+    assert [r["iteration"] for r in read_metrics(run_dir)] == [1, 2]
+
+
+def test_invalid_newer_checkpoint_is_set_aside_not_kept_over_a_valid_one(tmp_path):
+    run_dir = train(tiny_config(tmp_path / "run", "train.max_iterations=4", "train.keep_last=2"))
+    _corrupt(list_checkpoints(run_dir / "checkpoints")[-1])
+    train(tiny_config(run_dir, "train.max_iterations=3", "train.keep_last=2"))
+    names = [p.name for p in list_checkpoints(run_dir / "checkpoints")]
+    assert names == ["iter_00000002", "iter_00000003"]
+    assert (run_dir / "checkpoints" / "invalid" / "iter_00000004").is_dir()
+    assert [r["iteration"] for r in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_checkpoint_without_marker_is_reported_not_skipped_silently(tmp_path):
+    run_dir = train(tiny_config(tmp_path / "run", "train.max_iterations=2"))
+    (newest,) = list_checkpoints(run_dir / "checkpoints")
+    (newest / MARKER).unlink()
+    with pytest.raises(NoValidCheckpoint, match=f"{newest.name}: no {MARKER}"):
+        train(tiny_config(run_dir, "train.max_iterations=4"))
+
+
+def test_changed_architecture_names_the_tensors_and_the_config_change(tmp_path):
+    run_dir = train(tiny_config(tmp_path / "run", "train.max_iterations=2"))
+    with pytest.raises(CheckpointMismatch, match="config changed") as raised:
+        train(tiny_config(run_dir, "train.max_iterations=4", "model.depth=3"))
+    assert "student.backbone.blocks.2" in str(raised.value)
+    assert list_checkpoints(run_dir / "checkpoints")[-1].name == "iter_00000002"
+
+
+def test_diverged_state_is_never_the_last_good_checkpoint(tmp_path):
+    """With a huge learning rate the weights become enormous but finite after one update,
+    and the next forward pass is NaN: the checkpoint written in between holds the
+    diverged state. The error names the one before it, and a rerun resumes from that."""
+    overrides = ["optim.base_lr=1e12", "train.checkpoint_every=1", "train.max_nonfinite_skips=1"]
+    with pytest.raises(NonFiniteLossError) as raised:
+        train(tiny_config(tmp_path / "run", *overrides))
+    root = tmp_path / "run" / "checkpoints"
+    message = str(raised.value)
+    assert f"written before the divergence: {root / 'iter_00000001'}" in message
+    assert [p.name for p in list_checkpoints(root)] == ["iter_00000001"]
+    assert (root / "diverged" / "iter_00000002").is_dir()
+
+
+def test_nonfinite_state_is_never_saved(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", "train.max_iterations=2"))
+    trainer.run()
+    with torch.no_grad():
+        next(trainer.model.teacher.parameters()).fill_(float("inf"))
+    with pytest.raises(NonFiniteState, match=r"teacher\..*iter_00000002"):
+        trainer.checkpoint(3)
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["iter_00000002"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB file system: room for a tiny run's first checkpoint, not for many more."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)])
+    if done.returncode != 0:
+        pytest.fail("mounting a small tmpfs failed: the disk-full tests need root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_is_named_before_writing(small_disk):
+    trainer = Trainer(tiny_config(small_disk / "run", "train.max_iterations=2"))
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2**16))
+    with pytest.raises(NoSpaceLeft, match=r"no space left on device .*need ~[\d.]+ MB"):
+        trainer.run()
+    assert not list((small_disk / "run" / "checkpoints").iterdir())
+
+
+def test_full_disk_during_a_write_removes_the_partial_checkpoint(small_disk, monkeypatch):
+    """When the estimate is wrong (another writer fills the disk), the write itself fails
+    with torch's unhelpful message; it is named, and the partial directory removed so the
+    rerun has the space back."""
+    monkeypatch.setattr("dinospec.train.checkpoint.SPACE_MARGIN", 0.0)
+    trainer = Trainer(tiny_config(small_disk / "run", "train.max_iterations=2"))
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2**16))
+    with pytest.raises(NoSpaceLeft, match="no space left on device while writing"):
+        trainer.run()
+    assert not list((small_disk / "run" / "checkpoints").iterdir())
+    (small_disk / "filler").unlink()
+    trainer.run()
+    assert [p.name for p in list_checkpoints(small_disk / "run" / "checkpoints")] == [
+        "iter_00000002"
+    ]
+
+
+def test_interrupted_export_is_refused_by_readers(tmp_path):
+    run_dir = train(tiny_config(tmp_path / "run", "train.max_iterations=2"))
+    assert json.loads((run_dir / RECORD).read_text())["iteration"] == 2
+    assert backbone_file(run_dir) == run_dir / "teacher_backbone.safetensors"
+    pth = run_dir / "teacher_backbone.pth"
+    pth.write_bytes(pth.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cut short"):
+        backbone_file(pth)
+
+
+def test_export_older_than_the_checkpoints_is_reported(tmp_path, caplog, monkeypatch):
+    run_dir = train(tiny_config(tmp_path / "run", "train.max_iterations=2"))
+    monkeypatch.setattr(Trainer, "export_teacher", lambda self, iteration: None)
+    train(tiny_config(run_dir, "train.max_iterations=4"))
+    backbone_file(run_dir)
+    assert "teacher of iteration 2 but the run's newest checkpoint is iteration 4" in caplog.text
