@@ -85,7 +85,9 @@ def test_shipped_configs_load():
             load_config(path)
 
 
-@pytest.mark.parametrize("override", ["optim.base_lr=[1,", "optim.base_lr={a", "model.depth=a: b: c"])
+@pytest.mark.parametrize(
+    "override", ["optim.base_lr=[1,", "optim.base_lr={a", "model.depth=a: b: c"]
+)
 def test_yaml_syntax_error_in_an_override_names_the_key(override):
     with pytest.raises(ConfigError, match=r"command line: (optim\.base_lr|model\.depth)="):
         load_config(None, [override])
