@@ -93,9 +93,9 @@ def test_yaml_syntax_error_in_an_override_names_the_key(override):
         load_config(None, [override])
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, check=False, cwd=cwd
+        [sys.executable, "-m", *args], capture_output=True, text=True, check=False
     )
 
 
