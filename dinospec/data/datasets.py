@@ -100,8 +100,8 @@ def open_image(path: Path) -> Iterator[Image.Image]:
 def to_rgb(image: Image.Image, path: Path) -> Image.Image:
     """An 8-bit RGB image, high bit depths scaled down rather than clipped.
 
-    16-bit grey (I;16*) and 32-bit integer images (I, how PIL opens 16-bit PGM and many
-    16-bit TIFFs) are read as 0..65535 and divided by 257; float images (F) as 0..1 and
+    16-bit grey (I;16*, e.g. PNG and TIFF) and 32-bit integer images (I, e.g. 16-bit PGM,
+    32-bit TIFF) are read as 0..65535 and divided by 257; float images (F) as 0..1 and
     multiplied by 255. Values outside those scales have no known meaning and are refused
     (ValueError naming the file). 16-bit RGB(A) PNGs need nothing: PIL already keeps their
     high bytes.
