@@ -152,6 +152,9 @@ def drop_path(branches: list[Tensor], drop_prob: float, training: bool) -> list[
 
 Residual = Callable[[list[Tensor], list[Route]], list[Tensor]]
 
+# DINOv2's Block.forward (one sequence) takes the batch subset above this drop rate
+SUBSET_ABOVE = 0.1
+
 
 def add_residual_on_subset(
     streams: list[Tensor], routes: list[Route], residual: Residual, drop_ratio: float
@@ -210,15 +213,33 @@ class Block(nn.Module):
         return split([self.ls2(out) for out in self.mlp(normed, routes)], _sizes(streams))
 
     def forward_streams(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
-        """The block on a sequence held as streams (see dinospec.models.tokens)."""
+        """The block on a sequence held as streams (see dinospec.models.tokens). In training,
+        DINOv2's `Block.forward` takes the batch subset only above a drop rate of 0.1 (below
+        it the saved compute does not pay for the indexing) and masks samples otherwise."""
         ratio = self.sample_drop_ratio
-        if self.training and ratio > 0.1:
+        if self.training and ratio > SUBSET_ABOVE:
             streams = add_residual_on_subset(streams, routes, self.attn_residual, ratio)
             return add_residual_on_subset(streams, routes, self.ffn_residual, ratio)
         for residual in (self.attn_residual, self.ffn_residual):
             branches = drop_path(residual(streams, routes), ratio, self.training)
             streams = [x + br for x, br in zip(streams, branches, strict=True)]
         return streams
+
+    def forward_crop_sizes(
+        self, groups: list[list[Tensor]], routes: list[list[Route]]
+    ) -> list[list[Tensor]]:
+        """The block on every crop size at once, DINOv2's nested call (`forward_nested`),
+        which is the path its student takes in training: there any positive drop rate takes
+        the batch subset, drawn per crop size, for attention on every size before the FFN."""
+        ratio = self.sample_drop_ratio
+        if not (self.training and ratio > 0.0):
+            return [self.forward_streams(s, r) for s, r in zip(groups, routes, strict=True)]
+        for residual in (self.attn_residual, self.ffn_residual):
+            groups = [
+                add_residual_on_subset(s, r, residual, ratio)
+                for s, r in zip(groups, routes, strict=True)
+            ]
+        return groups
 
     def forward(
         self,
@@ -232,7 +253,7 @@ class Block(nn.Module):
         `route`; a specialized block given no route treats the first `num_prefix_tokens`
         tokens of every row as the prefix stream."""
         if isinstance(x, list) and x and isinstance(x[0], list):
-            return [self.forward_streams(s, r) for s, r in zip(x, route, strict=True)]
+            return self.forward_crop_sizes(x, route)
         if isinstance(x, list):
             return self.forward_streams(x, route)
         if route is None and self.specialized:

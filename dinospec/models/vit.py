@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +25,16 @@ from dinospec.models.specialize import (
     make_norm,
 )
 from dinospec.models.tokens import PATCH, PREFIX, Route, join
+
+
+def drop_path_rates(rate: float, depth: int, uniform: bool) -> list[float]:
+    """Per-block stochastic-depth rates, rising linearly from 0 unless uniform. Computed in
+    float64 as DINOv2 does: in float32 the last block of a linear 0.1 schedule would get
+    0.10000000149, crossing the block's 0.1 threshold into the other drop scheme, and a
+    rate off by a float32 rounding can change how many samples the batch subset keeps."""
+    if uniform:
+        return [rate] * depth
+    return np.linspace(0.0, rate, depth, dtype=np.float64).tolist()
 
 
 class DinoVisionTransformer(nn.Module):
@@ -104,11 +115,7 @@ class DinoVisionTransformer(nn.Module):
             if num_register_tokens
             else None
         )
-        rates = (
-            [drop_path_rate] * depth
-            if drop_path_uniform
-            else torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        )
+        rates = drop_path_rates(drop_path_rate, depth, drop_path_uniform)
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
