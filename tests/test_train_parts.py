@@ -55,9 +55,9 @@ def test_param_groups():
         "backbone.blocks.2.norm1.prefix_weight": (0.9**2, 0.0),
         "backbone.blocks.1.ls1.gamma": (0.9**3, 0.0),
         "backbone.patch_embed.proj.weight": (0.9**5 * 0.2, 1.0),
-        "backbone.pos_embed": (0.9**5, 0.0),
-        "backbone.cls_token": (0.9**5, 0.0),
-        "backbone.register_tokens": (0.9**5, 0.0),
+        "backbone.pos_embed": (0.9**5, 1.0),
+        "backbone.cls_token": (0.9**5, 1.0),
+        "backbone.register_tokens": (0.9**5, 1.0),
         "backbone.norm.weight": (1.0, 0.0),
         "dino_head.mlp.0.weight": (1.0, 1.0),
         "dino_head.mlp.0.bias": (1.0, 0.0),
@@ -74,7 +74,8 @@ def test_param_groups():
     by_name = _groups_by_name(optimizer.param_groups)
     assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(0.1 * 0.9**4)
     assert by_name["backbone.blocks.0.attn.qkv.weight"]["weight_decay"] == pytest.approx(0.04)
-    assert by_name["backbone.pos_embed"]["weight_decay"] == 0.0
+    assert by_name["backbone.pos_embed"]["weight_decay"] == pytest.approx(0.04)
+    assert by_name["backbone.blocks.0.attn.qkv.prefix_bias"]["weight_decay"] == 0.0
     assert by_name["dino_head.last_layer.weight_g"]["lr"] == 0.0
 
 

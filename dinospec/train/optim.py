@@ -1,5 +1,6 @@
 """AdamW parameter groups of DINOv2: layer-wise lr decay, patch-embed multiplier, no decay
-on biases, norms, LayerScale, tokens and position embedding (SPEC section 4).
+on biases, norms and LayerScale (SPEC section 4; the tokens and the position embedding
+are decayed, as DINOv2's `get_params_groups_with_decay` does).
 
 Each group carries multipliers; `apply_schedule_values` turns the schedule values of an
 iteration into per-group lr and weight decay, so the optimizer never stores a schedule.
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 EMBEDDINGS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
-NO_DECAY_NAMES = ("pos_embed", "mask_token", "cls_token", "register_tokens")
+PREFIX_LEAF = "prefix_"
 
 
 def backbone_layer_id(name: str, depth: int) -> int:
@@ -32,10 +33,22 @@ def lr_multiplier(name: str, depth: int, layer_decay: float, patch_embed_lr_mult
     return mult * patch_embed_lr_mult if name.startswith("patch_embed.") else mult
 
 
+def shared_twin(name: str) -> str:
+    """The shared parameter a specialized one sits beside (`qkv.prefix_bias` ->
+    `qkv.bias`); other names are their own twin."""
+    module, _, leaf = name.rpartition(".")
+    if not leaf.startswith(PREFIX_LEAF):
+        return name
+    shared = leaf.removeprefix(PREFIX_LEAF)
+    return f"{module}.{shared}" if module else shared
+
+
 def takes_weight_decay(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    exempt = leaf.endswith("bias") or "norm" in name or leaf == "gamma"
-    return not exempt and name.split(".")[0] not in NO_DECAY_NAMES
+    """DINOv2's rule, by name: no decay for biases, norms and LayerScale gammas; everything
+    else, the [CLS], register and mask tokens and the position embedding included, decays.
+    A prefix-path parameter follows its shared twin (a prefix bias is a bias)."""
+    twin = shared_twin(name)
+    return not (twin.endswith(".bias") or "norm" in twin or "gamma" in twin)
 
 
 def param_groups(
