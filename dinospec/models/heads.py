@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,14 +14,16 @@ class WeightNormLinear(nn.Module):
     """Linear layer without bias whose rows are `weight_g * weight_v / ||weight_v||`.
 
     Written out rather than taken from torch.nn.utils so the parameters keep DINOv2's names
-    (`weight_g`, `weight_v`) and stay plain parameters that FSDP2 can shard.
+    (`weight_g`, `weight_v`) and stay plain parameters that FSDP2 can shard. DINOv2 wraps a
+    freshly built `nn.Linear`, so `weight_v` starts as PyTorch's default linear init
+    (kaiming-uniform, rows of norm about 0.577 whatever the width) and `weight_g` at 1.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
@@ -29,6 +32,9 @@ class WeightNormLinear(nn.Module):
 
 class DINOHead(nn.Module):
     """MLP -> L2-normalized bottleneck -> weight-normalized prototypes (SPEC section 3).
+
+    As in DINOv2, only the MLP's linears are drawn trunc-normal (std 0.02); the prototypes
+    keep the default linear init, drawn after the MLP's so a seed gives DINOv2's values.
 
     The normalized bottleneck with a fixed-norm last layer (weight_g stays 1 unless trained)
     keeps the logits bounded, which is what lets a 65,536-way softmax train stably.
