@@ -37,14 +37,22 @@ class CosineSchedule:
             return 0.0
         it = iteration - self.freeze_iters
         if it < self.warmup_iters:
-            if self.warmup_iters == 1:
-                return self.base_value
-            step = (self.base_value - self.start_warmup_value) / (self.warmup_iters - 1)
-            return self.start_warmup_value + step * it
+            return self._warmup(it)
         it -= self.warmup_iters
         length = self.total_iters - self.warmup_iters - self.freeze_iters
         cosine = 1 + math.cos(math.pi * it / length)
         return self.final_value + 0.5 * (self.base_value - self.final_value) * cosine
+
+    def _warmup(self, it: int) -> float:
+        """Value `it` of numpy's `linspace(start, base, warmup_iters)`, which DINOv2 indexes:
+        `start + it * step`, except that the last value is `base` itself and a one-iteration
+        warm-up holds only `start`."""
+        if self.warmup_iters == 1:
+            return self.start_warmup_value
+        if it == self.warmup_iters - 1:
+            return self.base_value
+        step = (self.base_value - self.start_warmup_value) / (self.warmup_iters - 1)
+        return it * step + self.start_warmup_value
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,22 @@ class TrainingSchedules:
         """The head's last layer stays frozen at first: early prototypes are noise and
         updating them destabilizes the targets."""
         return 0.0 if iteration < self.last_layer_freeze_iters else self.lr(iteration)
+
+    def teacher_temp_warning(self, total_iters: int) -> str | None:
+        """A warning when a run of `total_iters` iterations stops inside the teacher
+        temperature warm-up. DINOv2 warms over `warmup_teacher_temp_epochs` whatever the run
+        length, so a short run never reaches the final temperature; said at start because
+        it changes the targets from the first iteration on."""
+        warmup = self.teacher_temp.warmup_iters
+        if total_iters >= warmup:
+            return None
+        reached = self.teacher_temp(max(total_iters - 1, 0))
+        return (
+            f"WARNING the run ends at iteration {total_iters}, before the teacher temperature "
+            f"warm-up ends at {warmup}: the teacher temperature reaches {reached:.4g}, not "
+            f"{self.teacher_temp.base_value:.4g} (as in DINOv2; shorten "
+            "teacher.warmup_teacher_temp_epochs to finish the warm-up)"
+        )
 
     def at(self, iteration: int) -> dict[str, float]:
         return {
