@@ -9,6 +9,9 @@ from importlib.metadata import entry_points
 
 from dinospec.analysis.cli import register as register_analysis
 from dinospec.config import ConfigError, load_config
+from dinospec.models.checkpoints import CheckpointError
+from dinospec.train.runlock import RunDirLocked
+from dinospec.train.signals import Interrupted
 
 PLUGIN_GROUP = "dinospec.commands"
 """Entry points of this group add subcommands: packages built on dinospec (eval) plug in
@@ -24,10 +27,19 @@ def _info(args: argparse.Namespace) -> None:
     print(format_report(rows, args.img_size))
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
+    """A run stopped by a signal has written its checkpoint and said so: a clean exit
+    (status 0), which the same command resumes. A second Ctrl-C stops it at once (130)."""
     from dinospec.train.loop import train
 
-    train(load_config(args.config, args.overrides))
+    try:
+        train(load_config(args.config, args.overrides))
+    except Interrupted:
+        return 0
+    except KeyboardInterrupt:
+        print("dinospec: stopped by a second Ctrl-C, without a checkpoint", file=sys.stderr)
+        return 130
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,13 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Problems the user can fix are a message on stderr and status 2, not a traceback."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except ConfigError as err:
         print(f"dinospec: config error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except CheckpointError as err:
+        print(f"dinospec: checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except RunDirLocked as err:
+        print(f"dinospec: error: {err}", file=sys.stderr)
+        return 2
+    return status or 0
 
 
 if __name__ == "__main__":

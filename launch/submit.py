@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dinospec.train.runlock import holder, locked_message
 from launch.cli import LaunchError, job_parser, load_checked, split_job_type
 from launch.jobs import JobType
 from launch.rundir import LOG_DIR, read_job_file, record_submission, resume_message, write_config
@@ -123,6 +124,14 @@ def active_jobs(job_ids: Sequence[str]) -> list[str]:
     return [job_id for job_id in job_ids if job_id in listed]
 
 
+def refuse_if_in_use(output_dir: Path) -> None:
+    """A run holding the directory's lock (a job of another launcher, `launch.local`,
+    `dinospec train`) is refused like a queued job, with the message a second run gets."""
+    found = holder(output_dir)
+    if found is not None:
+        raise LaunchError(locked_message(output_dir, found))
+
+
 def make_executor(folder: Path, parameters: dict[str, Any], max_timeouts: int) -> Any:
     """A SLURM executor; never submitit's silent fallback to running on this machine."""
     import submitit
@@ -144,6 +153,7 @@ def submit(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> str:
     config = load_checked(job, args)
     parameters = executor_parameters(job, args)
     output_dir = job.output_dir(config)
+    refuse_if_in_use(output_dir)
     running = active_jobs(read_job_file(output_dir)["job_ids"])
     if running:
         raise LaunchError(
@@ -153,7 +163,7 @@ def submit(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> str:
     executor = make_executor(output_dir / LOG_DIR, parameters, args.max_timeouts)
     print(resume_message(output_dir, job.progress(output_dir)), flush=True)
     write_config(output_dir, job.config_text(config))
-    submitted = executor.submit(job.job(config, preemptible=True))
+    submitted = executor.submit(job.job(config))
     record_submission(
         output_dir,
         job.name,
@@ -219,6 +229,8 @@ def submit_sweep(job: JobType, args: argparse.Namespace, argv: Sequence[str]) ->
         for point in points
     ]
     parameters = executor_parameters(job, args)
+    for config in configs:
+        refuse_if_in_use(job.output_dir(config))
     busy = [
         job_id
         for config in configs
@@ -230,7 +242,7 @@ def submit_sweep(job: JobType, args: argparse.Namespace, argv: Sequence[str]) ->
     for config in configs:
         write_config(job.output_dir(config), job.config_text(config))
     with executor.batch():
-        submitted = [executor.submit(job.job(config, preemptible=True)) for config in configs]
+        submitted = [executor.submit(job.job(config)) for config in configs]
     for config, point, handle in zip(configs, points, submitted, strict=True):
         record_submission(
             job.output_dir(config),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -10,7 +11,9 @@ from typing import Any
 import torch
 
 from dinospec.config import Config
-from launch.preemption import REQUEUE, Interrupted, PreemptibleTrainer, StopRequest
+from dinospec.train.runlock import lock_for_ranks
+from dinospec.train.signals import Interrupted, StopRequest
+from launch.preemption import PreemptibleTrainer, requeue_handler
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -29,7 +32,8 @@ def use_slurm_environment() -> None:
 class TrainJob:
     """Picklable pretraining job. submitit calls `checkpoint()` on preemption or time-out and
     requeues what it returns: the same job, which resumes from the run directory's newest
-    checkpoint (written at the signal by `PreemptibleTrainer`)."""
+    checkpoint (written at the signal). Rank 0 holds the run directory's lock while the job
+    trains (`launch.local` takes it before, for all its processes)."""
 
     def __init__(self, config: Config, handle_signals: bool = True) -> None:
         self.config = config
@@ -40,21 +44,22 @@ class TrainJob:
         if "SLURM_PROCID" in os.environ:
             use_slurm_environment()
         stop = StopRequest()
-        if self.handle_signals:
-            stop.install()
-        trainer = PreemptibleTrainer(self.config, stop)
-        try:
-            run_dir = trainer.run()
-        except Interrupted as interrupted:
-            return self._interrupted(trainer, stop, interrupted)
+        with stop.installed() if self.handle_signals else contextlib.nullcontext():
+            trainer = PreemptibleTrainer(self.config, stop)
+            try:
+                with lock_for_ranks(trainer.run_dir):
+                    run_dir = trainer.run()
+            except Interrupted as interrupted:
+                return self._interrupted(trainer, stop, interrupted)
         return {"status": "finished", "run_dir": str(run_dir), "iteration": trainer.stop}
 
     def _interrupted(
         self, trainer: PreemptibleTrainer, stop: StopRequest, interrupted: Interrupted
     ) -> dict[str, Any]:
         """Rank 0 hands a requeue request to submitit's handler (which requeues and exits);
-        the other ranks return quietly so that no failed task cancels the step first."""
-        requeue = interrupted.action == REQUEUE
+        the other ranks return quietly so that no failed task cancels the step first. The
+        lock is released by then, so the requeued job can take it."""
+        requeue = requeue_handler(stop, interrupted)
         if trainer.info.is_main:
             what = "requeueing" if requeue else "stopping"
             print(
@@ -62,7 +67,7 @@ class TrainJob:
                 flush=True,
             )
             if requeue:
-                stop.chain(signal.SIGUSR2)
+                requeue(signal.SIGUSR2, None)
         return {"status": "interrupted", "iteration": interrupted.iteration}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:

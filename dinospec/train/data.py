@@ -24,6 +24,7 @@ from dinospec.data.masking import MaskingGenerator
 from dinospec.data.samplers import InfiniteDistributedSampler
 from dinospec.data.synthetic import SyntheticScenes
 from dinospec.data.transforms import MultiCropAugmentation, standardize_uint8
+from dinospec.train.signals import ignore_stop_signals
 
 CROP_KEYS = ("collated_global_crops", "collated_local_crops")
 
@@ -162,7 +163,8 @@ def build_augmentation(config: Config, standardize: bool = False) -> MultiCropAu
 def build_loader(
     config: Config, images: Dataset, rank: int, world_size: int, start_step: int
 ) -> Iterator[dict[str, Any]]:
-    """Infinite iterator of this rank's batches from `start_step` on."""
+    """Infinite iterator of this rank's batches from `start_step` on. Its workers ignore
+    the signals that stop a run: the main process handles them (dinospec.train.signals)."""
     crops = config.crops
     augmentation = build_augmentation(config)
     per_rank = config.train.batch_size_per_gpu
@@ -182,6 +184,7 @@ def build_loader(
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,
         )
     )
 

@@ -37,7 +37,9 @@ from dinospec.train.checkpoint import resume_latest, save_checkpoint
 from dinospec.train.data import build_image_dataset, build_loader, derived_seed, to_device
 from dinospec.train.ema import ema_update
 from dinospec.train.optim import apply_schedule_values, param_groups
+from dinospec.train.runlock import lock_for_ranks
 from dinospec.train.schedules import TrainingSchedules, dinov2_schedules
+from dinospec.train.signals import Interrupted, StopRequest
 from dinospec.train.ssl import SSLModel
 
 log = logging.getLogger("dinospec.train")
@@ -119,10 +121,14 @@ class LogWindow:
 class Trainer:
     """One training run; `run()` goes from the resume point to the configured end."""
 
-    def __init__(self, config: Config, device: str = "auto") -> None:
+    def __init__(
+        self, config: Config, device: str = "auto", stop: StopRequest | None = None
+    ) -> None:
         """`device` is 'auto' (CUDA when there is one), 'cpu' or 'cuda', so a benchmark can
-        time a CPU run on a GPU machine."""
+        time a CPU run on a GPU machine. With `stop`, the run leaves its loop with a
+        checkpoint when a signal asks it to (dinospec.train.signals)."""
         self.config = config
+        self.stop_request = stop
         self.info: DistInfo = init_distributed(device, need_group=config.train.fsdp)
         if self.info.device.type == "cpu" and config.data.num_workers:
             # small CPU ops run slower when data workers and compute threads oversubscribe
@@ -260,8 +266,18 @@ class Trainer:
 
     def before_step(self, iteration: int) -> None:
         """Called before each iteration, when the state is exactly what a checkpoint at
-        `iteration` holds; a job that must leave the loop (a preemption signal) raises
-        here. Plain runs have nothing to do."""
+        `iteration` holds (schedules and random streams derive from the iteration), so a
+        run stopped here on a signal resumes exactly. The ranks agree on the request, save
+        unless the checkpoint at `iteration` is the one just written or resumed from
+        (`progress.iteration` is that checkpoint's), and leave the loop."""
+        if self.stop_request is None:
+            return
+        action = self.stop_request.agreed()
+        if not action:
+            return
+        if iteration == 0 or int(self.progress.iteration) != iteration:
+            self.checkpoint(iteration)
+        raise Interrupted(iteration, action)
 
     def _handle_nonfinite(self, iteration: int, names: list[str], last: Path | None) -> None:
         self.progress.skipped += 1
@@ -378,6 +394,17 @@ def _duration(seconds: float) -> str:
 
 
 def train(config: Config) -> Path:
-    """Run (or resume) the pretraining job a config describes; returns the run directory."""
+    """Run (or resume) the pretraining job a config describes; returns the run directory.
+
+    The run holds its directory's lock (dinospec.train.runlock: RunDirLocked if another
+    run has it). SIGTERM, SIGINT and SIGUSR2 stop it after the current step with a
+    checkpoint and raise Interrupted; a second SIGINT raises KeyboardInterrupt at once."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return Trainer(config).run()
+    with StopRequest().installed() as stop:
+        trainer = Trainer(config, stop=stop)
+        try:
+            with lock_for_ranks(trainer.run_dir):
+                return trainer.run()
+        except Interrupted as interrupted:
+            trainer._log(f"signal received: {interrupted}, stopping (the same command resumes)")
+            raise
