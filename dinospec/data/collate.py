@@ -7,7 +7,6 @@ which is the order the losses assume when they pair student and teacher views.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -41,7 +40,7 @@ def collate_data_and_cast(
     n_images = global_crops.shape[0]
     n_masked_images = int(n_images * mask_probability)
     ratios, upperbound = stratified_mask_ratios(n_masked_images, mask_ratio_tuple, n_tokens, rng)
-    masks = [mask_generator(int(n_tokens * r), rng) for r in ratios]
+    masks = [mask_generator(int(count), rng) for count in mask_counts(ratios, n_tokens)]
     masks += [mask_generator(0, rng) for _ in range(n_images - n_masked_images)]
     order = rng.permutation(n_images)
     collated_masks = torch.from_numpy(np.stack([masks[i] for i in order])).flatten(1)
@@ -71,11 +70,25 @@ def stratified_mask_ratios(
 ) -> tuple[list[float], int]:
     """One ratio drawn uniformly in each of n equal slices of `bounds`, so a batch always
     spans easy and hard masking instead of clustering by chance; also returns the largest
-    total number of masked tokens these slices allow (DINOv2's `upperbound`)."""
-    edges = np.linspace(bounds[0], bounds[1], n + 1)
-    ratios = [float(rng.uniform(lo, hi)) for lo, hi in pairwise(edges)]
-    upperbound = sum(int(n_tokens * hi) for hi in edges[1:])
-    return ratios, upperbound
+    total number of masked tokens these slices allow (DINOv2's `upperbound`).
+
+    DINOv2 cuts the slices with a float32 `torch.linspace` and draws the ratios in float32;
+    so do these, since float64 edges truncate differently at some slice ends (36 tokens
+    over 12 masked images: an upperbound of 132 instead of DINOv2's 131). The ratios are
+    float32 values; pass them to mask_counts for DINOv2's token counts.
+    """
+    edges = torch.linspace(bounds[0], bounds[1], n + 1).numpy()
+    lows, highs = edges[:-1], edges[1:]
+    ratios = lows + (highs - lows) * rng.random(n).astype(np.float32)
+    upperbound = int(mask_counts(highs, n_tokens).sum())
+    return ratios.tolist(), upperbound
+
+
+def mask_counts(ratios: Sequence[float] | np.ndarray, n_tokens: int) -> np.ndarray:
+    """int(n_tokens * ratio) for each ratio, with the product in float32 as DINOv2 takes it
+    (a Python int times a float32 tensor), so counts agree with DINOv2's at every ratio."""
+    products = np.float32(n_tokens) * np.asarray(ratios, dtype=np.float32)
+    return products.astype(np.int64)
 
 
 def masks_weight(collated_masks: Tensor) -> Tensor:

@@ -17,10 +17,12 @@ BLOCK_ATTEMPTS = 10
 class MaskingGenerator:
     """Draws boolean (height, width) masks with about the requested number of patches.
 
-    Rectangles of at least `min_num_patches` patches, with a log-uniform aspect ratio in
-    [min_aspect, max_aspect], are added until the target is reached or `BLOCK_ATTEMPTS`
-    tries in a row add nothing; the count never exceeds the target, and a single rectangle
-    adds at most `max_num_patches` new patches.
+    Rectangles with a log-uniform aspect ratio in [min_aspect, max_aspect] are added until
+    the target is reached or `BLOCK_ATTEMPTS` tries in a row add nothing; the count never
+    exceeds the target, and a single rectangle adds at most `max_num_patches` new patches.
+    As in DINOv2, a rectangle's area is drawn between `min_num_patches` and what is left of
+    the target, so once less than `min_num_patches` is left the last rectangles are smaller
+    than that and fill the remainder: DINOv2 hits the requested count in most masks.
     """
 
     def __init__(
@@ -61,19 +63,22 @@ class MaskingGenerator:
         return mask
 
     def block_shape(self, max_area: float, rng: np.random.Generator) -> tuple[int, int]:
-        """(height, width) of one candidate rectangle; area and aspect are drawn as DINOv2
-        does, so rounding can leave the area slightly outside [min_num_patches, max_area]."""
-        area = rng.uniform(self.min_num_patches, max(self.min_num_patches, max_area))
+        """(height, width) of one candidate rectangle, drawn as DINOv2 draws it: the area
+        uniformly between `min_num_patches` and `max_area`, whichever is larger (so a
+        remainder under the minimum gets a smaller block), then rounded per side, which can
+        leave the area outside that interval, down to a side of 0 (an empty block)."""
+        area = self.min_num_patches + (max_area - self.min_num_patches) * rng.random()
         aspect = math.exp(rng.uniform(*self.log_aspect_ratio))
         return round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
 
     def _add_block(self, mask: np.ndarray, budget: float, rng: np.random.Generator) -> int:
         """Mask one rectangle in place and return how many patches it newly covered (0 when
         every attempt failed). Overlap with earlier blocks is allowed; only the new patches
-        count against the budget, which is how small remainders still get filled."""
+        count against the budget. No size is rejected but a side reaching the grid's, as in
+        DINOv2: refusing blocks under `min_num_patches` would leave remainders unfilled."""
         for _ in range(BLOCK_ATTEMPTS):
             h, w = self.block_shape(budget, rng)
-            if h * w < self.min_num_patches or h >= self.height or w >= self.width:
+            if h >= self.height or w >= self.width:
                 continue
             top = int(rng.integers(0, self.height - h + 1))
             left = int(rng.integers(0, self.width - w + 1))
