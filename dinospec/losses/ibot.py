@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -21,6 +22,18 @@ class IBOTPatchLoss(TeacherTargets):
     The center has DINOv2's (1, 1, K) shape so that its checkpoints load; targets keep the
     shape of whatever teacher tokens are passed in.
     """
+
+    @staticmethod
+    def rank_totals(rows: Tensor) -> Tensor:
+        """This rank's mean over its masked patches, with weight one: the center follows
+        the average of the ranks' means, as DINOv2's (it all-reduces each rank's mean and
+        divides by the world size), not the mean over all masked patches, which weighs a
+        rank by how many patches it masked. A rank without masked patches has no mean and
+        weight zero, so the others' means are averaged (DINOv2, whose ranks always mask,
+        would divide by zero there)."""
+        if rows.shape[0] == 0:
+            return rows.new_zeros(rows.shape[1] + 1)
+        return torch.cat([rows.sum(dim=0) / rows.shape[0], rows.new_ones(1)])
 
     def __init__(
         self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9

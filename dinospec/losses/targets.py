@@ -102,29 +102,33 @@ class TeacherTargets(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output: Tensor) -> None:
-        """Start reducing this batch's mean over all ranks; it is applied on the next use.
-
-        The sum and the row count travel in one reduction, so the center is the exact mean
-        over the global batch even when ranks hold different numbers of rows (iBOT's masked
-        patches). DINOv2 averages per-rank means instead; the two agree whenever the ranks
-        hold equal counts, as for the [CLS] tokens.
-        """
+        """Start reducing this batch's statistic over all ranks; it is applied on the next
+        use. Each rank's contribution and its weight (`rank_totals`) travel in one
+        reduction, and the center moves towards their weighted mean."""
         self.apply_center_update()
         rows = teacher_output.detach().float().reshape(-1, teacher_output.shape[-1])
-        totals = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
+        totals = self.rank_totals(rows)
         handle = dist.all_reduce(totals, async_op=True) if _distributed() else None
         self._pending = (totals, handle)
 
+    @staticmethod
+    def rank_totals(rows: Tensor) -> Tensor:
+        """This rank's row sum and row count: the center follows the mean over the rows of
+        all ranks. DINOv2 divides the summed rows by this rank's count times the world size,
+        the same number, since every rank holds as many [CLS] tokens."""
+        return torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
+
     @torch.no_grad()
     def apply_center_update(self) -> None:
-        """Fold the pending batch mean into the center (a no-op when nothing is pending)."""
+        """Fold the pending batch statistic into the center with the EMA momentum (a no-op
+        when nothing is pending, or when no rank had a row: the center then stays)."""
         if self._pending is None:
             return
         totals, handle = self._pending
         self._pending = None
         if handle is not None:
             handle.wait()
-        batch_mean = totals[:-1] / totals[-1]
-        self.center.copy_(
-            self.center * self.center_momentum + batch_mean * (1 - self.center_momentum)
-        )
+        weight = totals[-1]
+        batch_mean = totals[:-1] / weight
+        moved = self.center * self.center_momentum + batch_mean * (1 - self.center_momentum)
+        self.center.copy_(torch.where(weight > 0, moved, self.center))
