@@ -201,6 +201,13 @@ class CropsConfig:
     # crops; on much smaller crops the same sigma wipes out textures a few pixels wide,
     # so small-image configs scale it with the crop size.
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # Gaussian blur probability of global crop 1, global crop 2 and each local crop, as
+    # DINOv2's code executes them (its GaussianBlur hands 1 - p to RandomApply): 0.0 / 0.9 /
+    # 0.5, how the released checkpoints were trained. Its paper and code state 1.0 / 0.1 /
+    # 0.5; set those three values for the stated recipe.
+    blur_prob_global1: float = 0.0
+    blur_prob_global2: float = 0.9
+    blur_prob_local: float = 0.5
 
 
 @dataclass
@@ -317,6 +324,9 @@ TRAINING_RANGES: dict[str, Allowed] = {
     "crops.global_crops_size": COUNT,
     "crops.local_crops_size": COUNT,
     "crops.blur_sigma": Pair(POSITIVE),
+    "crops.blur_prob_global1": UNIT,
+    "crops.blur_prob_global2": UNIT,
+    "crops.blur_prob_local": UNIT,
     "dino.loss_weight": NON_NEGATIVE,
     "dino.koleo_loss_weight": NON_NEGATIVE,
     "dino.head_n_prototypes": COUNT,

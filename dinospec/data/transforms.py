@@ -35,6 +35,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BLUR_KERNEL_SIZE = 9
 BLUR_SIGMA = (0.1, 2.0)
+# Blur probabilities of global crop 1, global crop 2 and the local crops as DINOv2's code
+# executes them: its GaussianBlur hands 1 - p to RandomApply, so its stated 1.0 / 0.1 / 0.5
+# (BLUR_PROBABILITIES_STATED) run as 0.0 / 0.9 / 0.5, which the released checkpoints had.
+BLUR_PROBABILITIES = (0.0, 0.9, 0.5)
+BLUR_PROBABILITIES_STATED = (1.0, 0.1, 0.5)
 # Blur tiles of at least this many rows (and columns): the fastest of 8-28 on a CPU at 96,
 # 98 and 224 px.
 BLUR_TILE_MIN = 16
@@ -253,12 +258,15 @@ def to_uint8_image(image: Image.Image | Tensor) -> Tensor:
 class MultiCropAugmentation:
     """Two global crops and N local crops of one image, as DINOv2's DataAugmentationDINO.
 
-    The two global crops differ on purpose: the first is always blurred, the second is rarely
-    blurred but sometimes solarized, so the student must match views of unequal quality.
-    The teacher sees the same global crops as the student; the key is kept separate because
-    the training step reads them under that name. With `standardize=False` the crops stay
-    uint8 for a loader that standardizes them on the accelerator (standardize_uint8), which
-    is bit for bit the same computation.
+    The two global crops differ on purpose, so the student must match views of unequal
+    quality: only the second may be solarized, and they are blurred with different
+    probabilities (`blur_probabilities`: global crop 1, global crop 2, local crops). The
+    default is what DINOv2's code executes (BLUR_PROBABILITIES: the first global crop is
+    never blurred, the second 90% of the time); BLUR_PROBABILITIES_STATED gives what its
+    paper states. The teacher sees the same global crops as the student; the key is kept
+    separate because the training step reads them under that name. With
+    `standardize=False` the crops stay uint8 for a loader that standardizes them on the
+    accelerator (standardize_uint8), which is bit for bit the same computation.
     """
 
     def __init__(
@@ -270,24 +278,26 @@ class MultiCropAugmentation:
         local_crops_size: int = 96,
         blur_sigma: Sequence[float] = BLUR_SIGMA,
         standardize: bool = True,
+        blur_probabilities: Sequence[float] = BLUR_PROBABILITIES,
     ) -> None:
+        blur_global1, blur_global2, blur_local = blur_probabilities
         self.local_crops_number = local_crops_number
         self.global_geometry = random_crop_and_flip(global_crops_size, global_crops_scale)
         self.local_geometry = random_crop_and_flip(local_crops_size, local_crops_scale)
         last = [normalize()] if standardize else []
         self.global_transform_1 = v2.Compose(
-            [color_distortion(), gaussian_blur(1.0, blur_sigma), *last]
+            [color_distortion(), gaussian_blur(blur_global1, blur_sigma), *last]
         )
         self.global_transform_2 = v2.Compose(
             [
                 color_distortion(),
-                gaussian_blur(0.1, blur_sigma),
+                gaussian_blur(blur_global2, blur_sigma),
                 FastSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2),
                 *last,
             ]
         )
         self.local_transform = v2.Compose(
-            [color_distortion(), gaussian_blur(0.5, blur_sigma), *last]
+            [color_distortion(), gaussian_blur(blur_local, blur_sigma), *last]
         )
 
     def __call__(self, image: Image.Image | Tensor) -> dict[str, list[Tensor] | tuple]:
