@@ -37,13 +37,11 @@ def collate_data_and_cast(
     n_tokens = _token_count(mask_generator, n_tokens)
     global_crops = stack_crops(samples_list, "global_crops")
     local_crops = stack_crops(samples_list, "local_crops")
-    n_images = global_crops.shape[0]
-    n_masked_images = int(n_images * mask_probability)
-    ratios, upperbound = stratified_mask_ratios(n_masked_images, mask_ratio_tuple, n_tokens, rng)
-    masks = [mask_generator(int(count), rng) for count in mask_counts(ratios, n_tokens)]
-    masks += [mask_generator(0, rng) for _ in range(n_images - n_masked_images)]
-    order = rng.permutation(n_images)
-    collated_masks = torch.from_numpy(np.stack([masks[i] for i in order])).flatten(1)
+    counts, upperbound = rank_mask_counts(
+        global_crops.shape[0], mask_probability, mask_ratio_tuple, n_tokens, rng
+    )
+    masks = [mask_generator(int(count), rng) for count in counts]
+    collated_masks = torch.from_numpy(np.stack(masks)).flatten(1)
     mask_indices_list = collated_masks.flatten().nonzero().flatten()
     return {
         "collated_global_crops": global_crops.to(dtype),
@@ -63,6 +61,25 @@ def stack_crops(samples_list: Sequence[tuple[dict[str, Any], Any]], key: str) ->
     if n_crops == 0:
         return torch.empty(0)
     return torch.stack([sample[0][key][c] for c in range(n_crops) for sample in samples_list])
+
+
+def rank_mask_counts(
+    n_images: int,
+    mask_probability: float,
+    bounds: tuple[float, float],
+    n_tokens: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int]:
+    """How many tokens to mask in each of one rank's `n_images` global crops, in batch
+    order, and DINOv2's `upperbound`. As in DINOv2's collate, which runs once per rank,
+    int(n_images * mask_probability) crops get one stratified ratio each (so every rank's
+    batch spans the whole ratio range), the others none, and which crops get which is a
+    random permutation of the batch."""
+    n_masked = int(n_images * mask_probability)
+    ratios, upperbound = stratified_mask_ratios(n_masked, bounds, n_tokens, rng)
+    counts = np.zeros(n_images, dtype=np.int64)
+    counts[rng.permutation(n_images)[:n_masked]] = mask_counts(ratios, n_tokens)
+    return counts, upperbound
 
 
 def stratified_mask_ratios(
