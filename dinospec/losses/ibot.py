@@ -23,6 +23,12 @@ class IBOTPatchLoss(TeacherTargets):
     shape of whatever teacher tokens are passed in.
     """
 
+    def __init__(
+        self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
+        super().__init__((1, 1, patch_out_dim), center_momentum)
+        self.student_temp = student_temp
+
     @staticmethod
     def rank_totals(rows: Tensor) -> Tensor:
         """This rank's mean over its masked patches, with weight one: the center follows
@@ -34,12 +40,6 @@ class IBOTPatchLoss(TeacherTargets):
         if rows.shape[0] == 0:
             return rows.new_zeros(rows.shape[1] + 1)
         return torch.cat([rows.sum(dim=0) / rows.shape[0], rows.new_ones(1)])
-
-    def __init__(
-        self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
-    ) -> None:
-        super().__init__((1, 1, patch_out_dim), center_momentum)
-        self.student_temp = student_temp
 
     def forward_masked(
         self,
