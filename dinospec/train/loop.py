@@ -31,11 +31,17 @@ from torch.distributed.checkpoint.state_dict import (
 
 from dinospec.config import Config, config_to_yaml
 from dinospec.distributed import DistInfo, all_reduce_mean, init_distributed, shard_model
-from dinospec.models.checkpoints import write_backbone
 from dinospec.train.accelerate import accelerate, autocast_dtype
-from dinospec.train.checkpoint import resume_latest, save_checkpoint
+from dinospec.train.checkpoint import (
+    checkpoint_iteration,
+    list_checkpoints,
+    resume_latest,
+    save_checkpoint,
+    set_aside_from,
+)
 from dinospec.train.data import build_image_dataset, build_loader, derived_seed, to_device
 from dinospec.train.ema import ema_update
+from dinospec.train.exports import write_export
 from dinospec.train.optim import apply_schedule_values, param_groups
 from dinospec.train.runlock import lock_for_ranks
 from dinospec.train.schedules import TrainingSchedules, dinov2_schedules
@@ -73,7 +79,7 @@ def schedules_for(config: Config, global_batch: int) -> TrainingSchedules:
         final_momentum_teacher=t.final_momentum_teacher,
         teacher_temp=t.teacher_temp,
         warmup_teacher_temp=t.warmup_teacher_temp,
-        warmup_teacher_temp_epochs=min(t.warmup_teacher_temp_epochs, o.epochs),
+        warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
     )
 
@@ -168,7 +174,9 @@ class Trainer:
 
     def resume(self) -> int:
         state = _checkpoint_state(self.model, self.optimizer, self.progress)
-        iteration = resume_latest(self.run_dir / "checkpoints", state)
+        iteration = resume_latest(
+            self.run_dir / "checkpoints", state, self.config.train.discard_invalid_checkpoints
+        )
         if iteration is None:
             return 0
         _restore(self.model, self.optimizer, state)
@@ -183,16 +191,15 @@ class Trainer:
         path = save_checkpoint(
             self.run_dir / "checkpoints", iteration, state, self.config.train.keep_last
         )
-        self.export_teacher()
+        self.export_teacher(iteration)
         return path
 
-    def export_teacher(self) -> None:
+    def export_teacher(self, iteration: int) -> None:
         """The teacher backbone as plain DINOv2-keyed `.pth` and as `.safetensors`."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model.teacher.backbone, options=options)
         if self.info.is_main:
-            for suffix in (".pth", ".safetensors"):
-                write_backbone(state, self.config.model, self.run_dir / f"teacher_backbone{suffix}")
+            write_export(state, self.config.model, self.run_dir, iteration)
 
     def step(self, batch: dict[str, Any], values: dict[str, float]) -> StepResult:
         """One optimization step. A non-finite loss term skips the update on every rank
@@ -230,6 +237,8 @@ class Trainer:
         if start >= self.stop:
             self._log(f"nothing to do: run is at iteration {start}, stop is {self.stop}")
             return self.run_dir
+        if warning := self.schedules.teacher_temp_warning(self.total):
+            self._log(warning)
         self._log(
             f"training iterations {start}..{self.stop - 1} of {self.total}, run dir {self.run_dir}"
         )
@@ -239,8 +248,8 @@ class Trainer:
 
     def _loop(self, loader: Iterator[dict[str, Any]], start: int) -> None:
         cfg = self.config.train
-        last_checkpoint: Path | None = None
         window = LogWindow()
+        nonfinite_since: int | None = None
         for iteration in range(start, self.stop):
             self.before_step(iteration)
             values = self.schedules.at(iteration)
@@ -254,15 +263,17 @@ class Trainer:
             result = self.step(batch, values)
             window.iterations += 1
             if result.nonfinite:
-                self._handle_nonfinite(iteration, result.nonfinite, last_checkpoint)
+                nonfinite_since = iteration if nonfinite_since is None else nonfinite_since
+                self._handle_nonfinite(iteration, result.nonfinite, nonfinite_since)
                 continue
+            nonfinite_since = None
             window.losses.append(sum(result.losses.values()))
             done = iteration + 1
             if done % cfg.log_every == 0 or done == self.stop:
                 self._write_metrics(done, result, values, window)
                 window = LogWindow()
             if done % cfg.checkpoint_every == 0 or done == self.stop:
-                last_checkpoint = self.checkpoint(done)
+                self.checkpoint(done)
 
     def before_step(self, iteration: int) -> None:
         """Called before each iteration, when the state is exactly what a checkpoint at
@@ -279,17 +290,26 @@ class Trainer:
             self.checkpoint(iteration)
         raise Interrupted(iteration, action)
 
-    def _handle_nonfinite(self, iteration: int, names: list[str], last: Path | None) -> None:
+    def _handle_nonfinite(self, iteration: int, names: list[str], since: int) -> None:
+        """Skip the update; after too many skips, stop. Skipped steps leave the state as it
+        was, so the state at `since` (the first of the current run of non-finite steps)
+        is the one that diverged: checkpoints from `since` on hold it, and are moved aside
+        so that a rerun with a changed recipe resumes from the last one written before."""
         self.progress.skipped += 1
         skipped = int(self.progress.skipped)
         message = f"iteration {iteration}: non-finite loss term(s) {names}; update skipped"
         log.warning(message)
         self._log(f"WARNING {message} ({skipped}/{self.config.train.max_nonfinite_skips})")
         if skipped > self.config.train.max_nonfinite_skips:
-            kept = last or "none written yet in this process"
+            root = self.run_dir / "checkpoints"
+            diverged = set_aside_from(root, since) if self.info.is_main else []
+            good = [p for p in list_checkpoints(root) if checkpoint_iteration(p) < since]
+            moved = ", ".join(str(p) for p in diverged)
+            moved = f"; moved aside, holding the diverged state: {moved}" if moved else ""
             raise NonFiniteLossError(
                 f"loss term(s) {names} not finite at iteration {iteration} after {skipped - 1} "
-                f"skipped steps; stopping. Last good checkpoint: {kept}"
+                f"skipped steps (the first at iteration {since}); stopping. Last checkpoint "
+                f"written before the divergence: {good[-1] if good else 'none'}{moved}"
             )
 
     def _write_metrics(
@@ -370,7 +390,12 @@ def rewind_metrics(path: Path, iteration: int) -> None:
         if record["iteration"] <= iteration:
             kept.append(line + "\n")
     partial = path.with_name(path.name + ".tmp")
-    partial.write_text("".join(kept))
+    try:
+        partial.write_text("".join(kept))
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        message = f"cannot rewrite {path} ({err.strerror}); it is unchanged"
+        raise OSError(err.errno, message) from err
     partial.replace(path)
 
 
