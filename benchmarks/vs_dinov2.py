@@ -85,7 +85,7 @@ from dinospec.train.optim import apply_schedule_values
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 LOSS_TOLERANCE = 1e-5
 GRAD_TOLERANCE = 1e-4
-UPDATE_TOLERANCE = 1e-4
+UPDATE_TOLERANCE = 5e-4  # a weight-decay slip on a 0.02-scale weight shows as 2e-3
 ADAM_SENSITIVE = 1e-6  # 100 x AdamW's eps; see compare_updates
 BATCH_KEYS = (
     "collated_global_crops",
