@@ -252,3 +252,24 @@ def test_drop_path_rate_and_scheme_per_block_follow_dinov2(rate, uniform, monkey
         for nested in (False, True):
             expected = _dinov2_scheme(rates[i], nested)
             assert _schemes_taken(block, nested, monkeypatch) == {expected}, (i, nested)
+
+
+def test_dino_head_forward_and_gradients_equal_dinov2s():
+    """The prototypes go through torch's fused weight norm, as DINOv2's nn.utils.weight_norm
+    does: same outputs and gradients, bit for bit, on the same weights."""
+    theirs_cls = reference("dinov2.layers.dino_head").DINOHead
+    torch.manual_seed(4)
+    ours = DINOHead(32, 96, hidden_dim=48, bottleneck_dim=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = theirs_cls(32, 96, hidden_dim=48, bottleneck_dim=24)
+    theirs.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        ours.last_layer.weight_g.uniform_(0.5, 1.5)
+        theirs.last_layer.weight_g.copy_(ours.last_layer.weight_g)
+    x = torch.randn(8, 32)
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    assert torch.equal(ours(x), theirs(x))
+    for name, value in ours.named_parameters():
+        assert torch.equal(value.grad, dict(theirs.named_parameters())[name].grad), name

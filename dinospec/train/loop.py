@@ -208,12 +208,13 @@ class Trainer:
         The host waits for the device once per step, after the backward pass is queued
         (the finiteness flags and the logged loss terms travel together), so the GPU is not
         left idle between forward and backward; the collapse monitor stays on the device
-        until a log line needs it."""
+        until a log line needs it. Gradients are let go before the forward passes, not
+        after, so last step's are not held at the activation peak."""
         model, device, dtype = self.model, self.info.device, self.autocast_dtype
+        self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
             targets = model.teacher_targets(batch, values["teacher_temp"])
             terms, student_cls = model.losses(batch, targets)
-        self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
         finite, means = _reduced_flags_and_means(list(terms.values()))
         losses = dict(zip(terms, means, strict=True))
