@@ -712,6 +712,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="top N operators")
     parser.add_argument("--reference", type=Path, default=ref.DEFAULT_ROOT)
     args = parser.parse_args()
+    if 0 in args.local_crops:
+        parser.error("--local-crops: DINOv2's collate cannot stack zero local crops")
     if args.size == "tiny":
         args.configs = "tiny"
     return args
