@@ -12,6 +12,7 @@ Ctrl-C kills it at once (130).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import signal
 import socket
@@ -68,7 +69,11 @@ def join_as_rank(rank: int, world_size: int, port: int) -> None:
 
 
 def _worker(rank: int, nproc: int, port: int, job: Callable[[], Any]) -> None:
-    """One process of the group; CPU threads are shared out so processes do not fight."""
+    """One process of the group; CPU threads are shared out so processes do not fight.
+    Its data-loader workers are forked, as a torchrun or srun rank's are (a spawned
+    process starts with `spawn` as its default): a spawned worker needs a picklable
+    dataset and imports torch for seconds, during which a stop signal would kill it."""
+    multiprocessing.set_start_method("fork", force=True)
     join_as_rank(rank, nproc, port)
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))

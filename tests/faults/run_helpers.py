@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from train_helpers import tiny_config
 
 from dinospec.config import config_to_yaml
@@ -49,18 +47,6 @@ ENTRY_POINTS = {
     "launch-local-nproc2": [sys.executable, "-m", "launch.local", "train", "--nproc", "2"],
     "slurm-job": [sys.executable, "-c", SLURM_JOB],
 }
-
-
-def write_images(folder: Path, count: int = 32, size: int = 40) -> Path:
-    """A folder of small noise PNGs. Runs with data-loader workers read images from files:
-    the synthetic scenes cannot be pickled, which workers started by `spawn` (those of the
-    processes `launch.local --nproc N` starts) need."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-    return folder
 
 
 def write_config(run_dir: Path, *overrides: str) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import LONG, Run, run_to_end, start, write_config, write_images
+from run_helpers import LONG, Run, run_to_end, start, write_config
 from train_helpers import read_metrics, tiny_config
 
 from dinospec.models.checkpoints import load_backbone
@@ -23,8 +23,7 @@ from dinospec.train.data import build_image_dataset, build_loader
 from dinospec.train.signals import STOP, StopRequest
 
 FINAL = 8
-WORKERS = ("data.num_workers=2", "data.dataset=folder")
-"""Two data-loader workers per process, reading image files (see write_images)."""
+WORKERS = ("data.num_workers=2",)
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT, "SIGUSR2": signal.SIGUSR2}
 
 
@@ -38,20 +37,12 @@ def _assert_same_teacher(run_dir: Path, reference: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> str:
-    return f"data.path={write_images(tmp_path_factory.mktemp('images'))}"
-
-
-def _config(run_dir: Path, images: str, nproc: int = 1) -> Path:
-    """Two processes take one worker each: their workers are started by `spawn`, each
-    importing torch, which takes long on a two-core test machine."""
-    per_process = (f"train.batch_size_per_gpu={4 // nproc}", f"data.num_workers={2 // nproc}")
-    return write_config(run_dir, *LONG, *WORKERS, images, *per_process)
+def _config(run_dir: Path, nproc: int = 1) -> Path:
+    return write_config(run_dir, *LONG, *WORKERS, f"train.batch_size_per_gpu={4 // nproc}")
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, images) -> dict[int, Path]:
+def references(tmp_path_factory) -> dict[int, Path]:
     """Uninterrupted runs to FINAL, by number of processes (one process and two do not
     round alike), with the config the interrupted runs use and a checkpoint after every
     iteration (which changes nothing in the run, see test_train_loop's resume tests)."""
@@ -60,7 +51,7 @@ def references(tmp_path_factory, images) -> dict[int, Path]:
     every = ("train.checkpoint_every=1", f"train.keep_last={FINAL}")
     for nproc, entry in ((1, "dinospec-train"), (2, "launch-local-nproc2")):
         run_dir = base / f"nproc{nproc}"
-        config = _config(run_dir, images, nproc)
+        config = _config(run_dir, nproc)
         run_to_end(entry, run_dir, config, f"train.max_iterations={FINAL}", *every)
         found[nproc] = run_dir
     return found
@@ -89,16 +80,14 @@ def _target(entry: str, signum: int) -> str:
 @pytest.mark.parametrize(
     "entry", ["dinospec-train", "launch-local", "launch-local-nproc2", "slurm-job"]
 )
-def test_a_signal_checkpoints_and_the_resumed_run_is_exact(
-    entry, name, tmp_path, images, references
-):
+def test_a_signal_checkpoints_and_the_resumed_run_is_exact(entry, name, tmp_path, references):
     """The checkpoint at the signal is the uninterrupted run's at that iteration; resuming
     from it (once per entry point, after SIGTERM) ends with the uninterrupted run's
     losses and weights."""
     signum = SIGNALS[name]
     nproc = 2 if entry == "launch-local-nproc2" else 1
     run_dir = tmp_path / "run"
-    config = _config(run_dir, images, nproc)
+    config = _config(run_dir, nproc)
     run = start(entry, run_dir, config)
     try:
         run.wait_for_metrics()
@@ -145,11 +134,11 @@ sys.exit(main(["train", *sys.argv[1:]]))
 
 
 @pytest.mark.slow
-def test_a_second_ctrl_c_stops_at_once(tmp_path, images):
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
     """Ctrl-C, then Ctrl-C again while the run writes its checkpoint: it exits within
     seconds (status 130, one line, no traceback), leaving no checkpoint behind."""
     run_dir = tmp_path / "run"
-    config = _config(run_dir, images)
+    config = _config(run_dir)
     run = Run([sys.executable, "-c", SLOW_SAVE, str(config)], run_dir, {})
     try:
         run.wait_for_metrics()
@@ -175,10 +164,10 @@ def _wait_for(path: Path, run: Run, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_data_loader_workers_ignore_stop_signals(tmp_path, images):
+def test_data_loader_workers_ignore_stop_signals(tmp_path):
     """The signals that reach every process of a job leave the workers running: the main
     process stops the run and shuts them down itself."""
-    config = tiny_config(tmp_path / "run", *WORKERS, images)
+    config = tiny_config(tmp_path / "run", *WORKERS)
     loader = build_loader(config, build_image_dataset(config), 0, 1, 0)
     next(loader)
     workers = [worker.pid for worker in loader._workers]
