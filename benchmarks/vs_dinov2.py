@@ -28,16 +28,16 @@ prefix parameters being copies of the shared ones. The batch is made by DINOv2's
 dinospec unchanged (its collate produces the same keys and layout, checked).
 
 Agreement, before anything is timed, in float32 without stochastic depth (off in the timed
-steps too, so the checked models are the timed ones): the four weighted loss terms (DINO
-global and local, iBOT, KoLeo) of one forward/backward must agree within LOSS_TOLERANCE
-(relative), and every parameter's gradient within GRAD_TOLERANCE of that parameter's
-largest gradient (a specialized parameter pair is compared through the sum of its two
-gradients, which is the gradient of the shared weight it was copied from). Then one whole
-step of the reference and of vanilla dinospec from the same state: the update of each
-student and teacher parameter is compared with UPDATE_TOLERANCE of its largest update and
-the parameters beyond it are listed with the known cause where there is one (AdamW's
-parameter groups differ from DINOv2's there, e.g. weight decay on tokens); this last
-check reports, it does not stop the run.
+steps too, so what is timed is what was checked, on twins built the same way): the four
+weighted loss terms (DINO global and local, iBOT, KoLeo) of one forward/backward must agree
+within LOSS_TOLERANCE (relative), and every parameter's gradient within GRAD_TOLERANCE of
+that parameter's largest gradient (a specialized parameter pair is compared through the sum
+of its two gradients, which is the gradient of the shared weight it was copied from). Then
+one whole step of the reference and of vanilla dinospec from the same state: the update of
+each student and teacher parameter (parameter groups, learning-rate and weight-decay
+multipliers, clipping, AdamW, EMA) is compared with UPDATE_TOLERANCE of its largest update,
+and each parameter beyond it is printed as a WARNING: this last check reports, it does not
+stop the run, so that a deliberate departure from DINOv2's optimizer can still be timed.
 
 Timing: contenders step in turn, the order rotating each round; ratios are medians of the
 per-round ratios (dinospec / reference). "Peak memory" is, on CUDA, the allocator's peak
