@@ -230,6 +230,10 @@ class IbotConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    # Mask ratios are stratified over each rank's batch, as DINOv2's collate does (per GPU),
+    # or over the global batch ("global"), which makes the masks of a step independent of
+    # the number of processes.
+    mask_stratification: str = "rank"
 
 
 @dataclass
@@ -537,6 +541,7 @@ def model_problems(m: ModelConfig) -> list[tuple[str, Any, str]]:
 
 DATASETS = ("synthetic", "imagenet", "folder", "list")
 CENTERINGS = ("softmax", "sinkhorn_knopp")
+MASK_STRATIFICATIONS = ("rank", "global")
 COMPILE_MODES = ("auto", "on", "off")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -560,6 +565,9 @@ def training_problems(c: Config) -> list[tuple[str, Any, str]]:
         out.append(("data.path", c.data.path, f"is required for dataset '{c.data.dataset}'"))
     if c.train.centering not in CENTERINGS:
         out.append(("train.centering", c.train.centering, f"must be one of {list(CENTERINGS)}"))
+    if c.ibot.mask_stratification not in MASK_STRATIFICATIONS:
+        choices = list(MASK_STRATIFICATIONS)
+        out.append(("ibot.mask_stratification", c.ibot.mask_stratification, f"one of {choices}"))
     if compile_mode(c.train.compile) is None:
         out.append(("train.compile", c.train.compile, f"must be one of {list(COMPILE_MODES)}"))
     if c.train.precision not in PRECISIONS:
@@ -584,7 +592,7 @@ def data_path_problems(data: DataConfig) -> list[str]:
     info`, analysis of a copied run directory, tests). Training calls it where it builds its
     dataset (`build_image_dataset`), which every entry point goes through, and raises a
     ConfigError; the launchers make the same check on the submitting machine before anything
-    is submitted (`launch.jobs.data_path_problems`, with the same messages).
+    is submitted (`launch.jobs`).
     """
     if data.dataset == "synthetic":
         return []

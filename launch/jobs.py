@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from dinospec.config import Config, config_to_yaml, load_config
+from dinospec.config import Config, config_to_yaml, data_path_problems, load_config
 from dinospec.train.checkpoint import list_checkpoints, newest_plausible
 
 
@@ -46,25 +46,6 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def data_path_problems(config: Config) -> list[str]:
-    """What is wrong with the dataset location, without listing the whole dataset (a login
-    node must answer in seconds even for ImageNet-22k on network storage)."""
-    data = config.data
-    if data.dataset == "synthetic":
-        return []
-    path = Path(data.path)
-    if data.dataset == "list":
-        if not path.is_file():
-            return [f"data.path={data.path}: image list file not found"]
-        return []
-    root = path / "train" if data.dataset == "imagenet" else path
-    if not root.is_dir():
-        return [f"data.path={data.path}: {root} is not a directory"]
-    if next(root.iterdir(), None) is None:
-        return [f"data.path={data.path}: {root} is empty"]
-    return []
-
-
 class TrainJobType:
     """Self-supervised pretraining (`dinospec.train.loop`), preemptible and resumable."""
 
@@ -81,7 +62,7 @@ class TrainJobType:
         return dataclasses.replace(config, data=data, train=train)
 
     def problems(self, config: Config) -> list[str]:
-        return data_path_problems(config)
+        return data_path_problems(config.data)
 
     def output_dir(self, config: Config) -> Path:
         return Path(config.train.output_dir)

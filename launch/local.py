@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from dinospec.config import ConfigError
+from dinospec.models.checkpoints import CheckpointError
 from dinospec.train.runlock import RunDirLocked, lock_run_dir
 from dinospec.train.signals import ACTIONS
 from launch.cli import LaunchError, job_parser, load_checked, split_job_type
@@ -164,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_local(job, args, argv)
     except LaunchError as err:
         print(f"{PROG}: error: {err}\nnothing was started", file=sys.stderr)
+        return 2
+    except (ConfigError, CheckpointError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: stopped by a second Ctrl-C, without a checkpoint", file=sys.stderr)

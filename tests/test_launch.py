@@ -20,7 +20,7 @@ from dinospec.train.checkpoint import MARKER, list_checkpoints
 from dinospec.train.loop import train
 from launch import local, submit
 from launch.cli import LaunchError, split_job_type
-from launch.jobs import JOB_TYPES, TrainJobType, data_path_problems
+from launch.jobs import JOB_TYPES, TrainJobType
 from launch.preemption import REQUEUE, PreemptibleTrainer, StopRequest
 from launch.rundir import read_job_file, record_submission, resume_message
 from launch.train_job import TrainJob
@@ -161,7 +161,7 @@ def test_missing_data_path_is_rejected_before_submission(tmp_path, capsys, no_su
 
 def test_data_path_checks_name_what_is_missing(tmp_path):
     def problems(*overrides):
-        return data_path_problems(tiny_config(tmp_path / "run", *overrides))
+        return TrainJobType().problems(tiny_config(tmp_path / "run", *overrides))
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "tree" / "a").mkdir(parents=True)
@@ -207,9 +207,16 @@ def test_resume_is_detected_from_job_json_and_checkpoints(tmp_path):
     for iteration in (2, 4):
         checkpoint = run / "checkpoints" / f"iter_{iteration:08d}"
         checkpoint.mkdir(parents=True)
-        (checkpoint / MARKER).write_text("{}")
+        (checkpoint / "shard.distcp").write_bytes(b"12345")
+        files = {"shard.distcp": {"size": 5, "sha256": ""}}
+        (checkpoint / MARKER).write_text(json.dumps({"iteration": iteration, "files": files}))
     expected = f"resuming the run in {run} from the newest checkpoint, iter_00000004"
     assert resume_message(run, TRAIN.progress(run)).startswith(expected)
+    (checkpoint / "shard.distcp").write_bytes(b"12")
+    expected = f"resuming the run in {run} from the newest checkpoint, iter_00000002"
+    assert resume_message(run, TRAIN.progress(run)).startswith(expected)
+    (run / "checkpoints" / "iter_00000002" / "shard.distcp").write_bytes(b"")
+    assert "none of the 2 there has its recorded sizes" in TRAIN.progress(run)
 
 
 def test_submission_writes_config_and_job_json_then_resumes(tmp_path, capsys, fake_slurm):
@@ -314,7 +321,14 @@ def test_ranks_agree_on_the_strongest_signal_any_of_them_received(tmp_path):
 
 @pytest.mark.slow
 def test_local_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    overrides = ("train.max_iterations=3", "dino.koleo_loss_weight=0")
+    """Masks stratified over the global batch and Sinkhorn-Knopp targets (which pool the
+    ranks) make the losses independent of the number of processes; see test_train_loop."""
+    overrides = (
+        "train.max_iterations=3",
+        "dino.koleo_loss_weight=0",
+        "train.centering=sinkhorn_knopp",
+        "ibot.mask_stratification=global",
+    )
     config = write_tiny_yaml(tmp_path / "c.yaml", tmp_path / "unused", *overrides)
     two, one = tmp_path / "nproc2", tmp_path / "nproc1"
     for nproc, output_dir in ((2, two), (1, one)):

@@ -184,6 +184,7 @@ def _worker(rank, world_size, port, output_dir):
         "train.max_iterations=3",
         "dino.koleo_loss_weight=0",
         "train.centering=sinkhorn_knopp",
+        "ibot.mask_stratification=global",
     )
     train(config)
     torch.distributed.destroy_process_group()
@@ -191,9 +192,10 @@ def _worker(rank, world_size, port, output_dir):
 
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    """Sinkhorn-Knopp targets pool all ranks, so the losses do not depend on the number of
-    processes; softmax centering does not: the iBOT center averages the ranks' means over
-    their masked patches, as DINOv2's (tests/test_ibot_center_ranks.py)."""
+    """With masks stratified over the global batch and Sinkhorn-Knopp targets, which pool
+    all ranks, the losses do not depend on the number of processes. DINOv2's defaults do:
+    its masks are stratified per rank, and the iBOT center averages the ranks' means over
+    their masked patches (tests/test_ibot_center_ranks.py)."""
     mp.spawn(_worker, args=(2, free_port(), tmp_path / "ws2"), nprocs=2)
     single = train(
         tiny_config(
@@ -202,6 +204,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
             "train.max_iterations=3",
             "dino.koleo_loss_weight=0",
             "train.centering=sinkhorn_knopp",
+            "ibot.mask_stratification=global",
         )
     )
     ws2 = read_metrics(tmp_path / "ws2")

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinospec.config import Config, ConfigError, data_path_problems
-from dinospec.data.collate import masks_weight, stack_crops, stratified_mask_ratios
+from dinospec.data.collate import masks_weight, rank_mask_counts, stack_crops
 from dinospec.data.datasets import ImageList, ImageNetFolder, ImageTree, load_rgb_tensor
 from dinospec.data.masking import MaskingGenerator
 from dinospec.data.samplers import InfiniteDistributedSampler
@@ -90,47 +90,51 @@ class AugmentedImages(Dataset):
 
 
 class StepCollator:
-    """Stacks crops (crop-major) and draws iBOT masks for the global batch of the step.
+    """Stacks crops (crop-major) and draws iBOT masks for one rank's batch of a step.
 
-    DINOv2 stratifies mask ratios over each GPU's batch; here they are stratified over the
-    global batch, and each crop slot's mask is drawn from its own seed, so every rank
-    draws only its own masks and the result does not depend on the world size.
+    How many tokens each global crop masks follows DINOv2's collate: mask ratios are
+    stratified over the rank's batch (`ibot.mask_stratification=rank`, what DINOv2 runs on
+    each GPU), or over the global batch (`global`), which makes a step's masks independent
+    of the number of processes. Each crop slot's mask is then drawn from its own seed (the
+    step and its place in the global batch), never from worker or process state.
     """
 
-    def __init__(self, config: Config, global_batch: int, n_tokens: int, grid: int) -> None:
+    def __init__(self, config: Config, global_batch: int, grid: int, rank: int) -> None:
         self.seed = config.train.seed
         self.global_batch = global_batch
-        self.n_tokens = n_tokens
+        self.n_tokens = grid * grid
         self.probability = config.ibot.mask_sample_probability
         self.ratios = tuple(config.ibot.mask_ratio_min_max)
+        self.per_rank = config.ibot.mask_stratification == "rank"
+        self.rank = rank
         self.generator = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
 
-    def slot_ratios(self, step: int) -> np.ndarray:
-        """Mask ratio of each of the 2 x global-batch global-crop slots of a step."""
-        n_slots = 2 * self.global_batch
+    def slot_counts(self, step: int, rows: list[int]) -> list[int]:
+        """Tokens to mask in each global-crop slot of this rank's batch (crop-major), whose
+        images sit at `rows` of the global batch."""
+        if self.per_rank:
+            rng = np.random.default_rng([self.seed, step, 0, self.rank])
+            counts, _ = rank_mask_counts(
+                2 * len(rows), self.probability, self.ratios, self.n_tokens, rng
+            )
+            return counts.tolist()
         rng = np.random.default_rng([self.seed, step, 0])
-        n_masked = int(n_slots * self.probability)
-        drawn, _ = stratified_mask_ratios(n_masked, self.ratios, self.n_tokens, rng)
-        ratios = np.zeros(n_slots)
-        ratios[rng.permutation(n_slots)[:n_masked]] = drawn
-        return ratios
+        counts, _ = rank_mask_counts(
+            2 * self.global_batch, self.probability, self.ratios, self.n_tokens, rng
+        )
+        return [int(counts[c * self.global_batch + r]) for c in range(2) for r in rows]
+
+    def _mask(self, step: int, slot: int, count: int) -> np.ndarray:
+        return self.generator(count, np.random.default_rng([self.seed, step, 1, slot])).ravel()
 
     def __call__(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
         positions = [p for p, _ in items]
         step = positions[0] // self.global_batch
-        ratios = self.slot_ratios(step)
         rows = [p - step * self.global_batch for p in positions]
         slots = [c * self.global_batch + r for c in range(2) for r in rows]
+        counts = self.slot_counts(step, rows)
         masks = torch.from_numpy(
-            np.stack(
-                [
-                    self.generator(
-                        int(self.n_tokens * ratios[s]),
-                        np.random.default_rng([self.seed, step, 1, s]),
-                    ).reshape(-1)
-                    for s in slots
-                ]
-            )
+            np.stack([self._mask(step, s, count) for s, count in zip(slots, counts, strict=True)])
         )
         samples = [(crops, None) for _, crops in items]
         indices = masks.flatten().nonzero().flatten()
@@ -157,6 +161,7 @@ def build_augmentation(config: Config, standardize: bool = False) -> MultiCropAu
         crops.local_crops_size,
         crops.blur_sigma,
         standardize,
+        (crops.blur_prob_global1, crops.blur_prob_global2, crops.blur_prob_local),
     )
 
 
@@ -179,7 +184,7 @@ def build_loader(
             AugmentedImages(images, augmentation, config.train.seed),
             batch_size=per_rank,
             sampler=PositionSampler(stream),
-            collate_fn=StepCollator(config, global_batch, grid * grid, grid),
+            collate_fn=StepCollator(config, global_batch, grid, rank),
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
@@ -187,6 +192,16 @@ def build_loader(
             worker_init_fn=ignore_stop_signals,
         )
     )
+
+
+def close_loader(loader: Iterator[dict[str, Any]]) -> None:
+    """Stop the loader's workers now, however the run leaves its loop. They ignore the stop
+    signals, so the SIGTERM that multiprocessing sends its remaining children at exit would
+    not end them, and the exit would wait for them forever: a run leaving on an error, whose
+    traceback still holds the loader, would hang instead of exiting."""
+    shutdown = getattr(loader, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -39,7 +39,13 @@ from dinospec.train.checkpoint import (
     save_checkpoint,
     set_aside_from,
 )
-from dinospec.train.data import build_image_dataset, build_loader, derived_seed, to_device
+from dinospec.train.data import (
+    build_image_dataset,
+    build_loader,
+    close_loader,
+    derived_seed,
+    to_device,
+)
 from dinospec.train.ema import ema_update
 from dinospec.train.exports import write_export
 from dinospec.train.optim import apply_schedule_values, param_groups
@@ -244,7 +250,10 @@ class Trainer:
             f"training iterations {start}..{self.stop - 1} of {self.total}, run dir {self.run_dir}"
         )
         loader = build_loader(self.config, self.images, self.info.rank, self.info.world_size, start)
-        self._loop(loader, start)
+        try:
+            self._loop(loader, start)
+        finally:
+            close_loader(loader)
         return self.run_dir
 
     def _loop(self, loader: Iterator[dict[str, Any]], start: int) -> None:

@@ -116,8 +116,15 @@ def test_bomb_in_a_training_set_counts_as_unreadable(tmp_path, monkeypatch):
     assert dataset.bad.bad_paths() == [tmp_path / "b.png"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_too_many_bad_images_is_one_clean_line_from_the_cli(tmp_path, workers):
+@pytest.mark.parametrize(
+    ("command", "workers"),
+    [
+        (["dinospec.cli", "train"], 0),
+        (["dinospec.cli", "train"], 2),
+        (["launch.local", "train"], 2),
+    ],
+)
+def test_too_many_bad_images_is_one_clean_line_from_the_cli(tmp_path, command, workers):
     root = tmp_path / "imagenet"
     for k in range(4):
         path = root / "train" / f"n0{k % 2}" / f"img{k}.JPEG"
@@ -126,7 +133,7 @@ def test_too_many_bad_images_is_one_clean_line_from_the_cli(tmp_path, workers):
     overrides = [*TINY, "data.dataset=imagenet", f"data.path={root}"]
     overrides += [f"data.num_workers={workers}", f"train.output_dir={tmp_path / 'run'}"]
     result = subprocess.run(
-        [sys.executable, "-m", "dinospec.cli", "train", str(CONFIG), *overrides],
+        [sys.executable, "-m", *command, str(CONFIG), *overrides],
         capture_output=True,
         text=True,
         check=False,
@@ -135,5 +142,6 @@ def test_too_many_bad_images_is_one_clean_line_from_the_cli(tmp_path, workers):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     [error] = [line for line in lines if not line.startswith("WARNING ")]
-    assert error.startswith("dinospec: ") and "4 images are unreadable" in error
+    assert error.startswith(("dinospec: ", "python -m launch.local: "))
+    assert "4 images are unreadable" in error
     assert f"for example: {root / 'train'}" in error
