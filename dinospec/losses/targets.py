@@ -103,11 +103,23 @@ class TeacherTargets(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output: Tensor) -> None:
         """Start reducing this batch's statistic over all ranks; it is applied on the next
-        use. Each rank's contribution and its weight (`rank_totals`) travel in one
-        reduction, and the center moves towards their weighted mean."""
-        self.apply_center_update()
+        use."""
+        self.queue_update(self.statistics(teacher_output))
+
+    @torch.no_grad()
+    def statistics(self, teacher_output: Tensor) -> Tensor:
+        """What the center update needs of a batch (`rank_totals`), a vector of the
+        prototype count: taken while the teacher's logits exist, it lets the training step
+        free them before the student's forward pass instead of holding them to its end."""
         rows = teacher_output.detach().float().reshape(-1, teacher_output.shape[-1])
-        totals = self.rank_totals(rows)
+        return self.rank_totals(rows)
+
+    @torch.no_grad()
+    def queue_update(self, totals: Tensor) -> None:
+        """Start reducing `statistics` over all ranks: each rank's contribution and its
+        weight travel in one reduction, and the center moves towards their weighted mean
+        when it is next used."""
+        self.apply_center_update()
         handle = dist.all_reduce(totals, async_op=True) if _distributed() else None
         self._pending = (totals, handle)
 

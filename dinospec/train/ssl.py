@@ -75,25 +75,29 @@ class SSLModel(nn.Module):
         patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
         cls_logits = self.teacher.dino_head(swapped)
         patch_logits = getattr(self.teacher, self.ibot_head_name)(patches)
+        statistics = {}
         if self.config.train.centering == "softmax":
             cls_targets = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             patch_targets = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
+            statistics["cls_statistics"] = self.dino_loss.statistics(cls_logits)
+            statistics["patch_statistics"] = self.ibot_loss.statistics(patch_logits)
         else:
             cls_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             patch_targets = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
         return {
-            "cls_logits": cls_logits,
-            "patch_logits": patch_logits,
+            **statistics,
             "cls_targets": cls_targets.chunk(N_GLOBAL),
             "patch_targets": patch_targets,
         }
 
     def update_centers(self, targets: dict[str, Tensor]) -> None:
         """Queue this step's center updates; called only once the step is known to be sane,
-        so a step skipped for a non-finite loss leaves the centers untouched."""
+        so a step skipped for a non-finite loss leaves the centers untouched. Only the
+        teacher logits' statistics are kept until then, not the logits (160 MiB at 65,536
+        prototypes), as DINOv2 reduces them inside its teacher pass."""
         if self.config.train.centering == "softmax":
-            self.dino_loss.update_center(targets["cls_logits"])
-            self.ibot_loss.update_center(targets["patch_logits"])
+            self.dino_loss.queue_update(targets["cls_statistics"])
+            self.ibot_loss.queue_update(targets["patch_statistics"])
 
     def losses(
         self, batch: dict[str, Any], targets: dict[str, Any]
