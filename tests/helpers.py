@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import pytest
 import torch
 
 from dinospec.config import SpecializeConfig
@@ -41,3 +48,19 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return model
+
+
+DINOV2_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dinov2"
+
+
+def dinov2(module: str) -> ModuleType:
+    """A module of DINOv2's own code (../shared/reference/dinov2, imported unchanged), the
+    peer the recipe tests compare against; its warnings that xFormers is missing are
+    expected."""
+    if not (DINOV2_REFERENCE / "dinov2").is_dir():
+        pytest.fail(f"DINOv2 reference code not found at {DINOV2_REFERENCE}")
+    if str(DINOV2_REFERENCE) not in sys.path:
+        sys.path.insert(0, str(DINOV2_REFERENCE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module(module)

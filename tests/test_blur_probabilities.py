@@ -9,19 +9,17 @@ states 1.0 / 0.1 / 0.5. The defaults are read from the reference's DataAugmentat
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import dinov2
 from torchvision.transforms import v2
 
 from dinospec.config import ConfigError, CropsConfig, load_config
 from dinospec.data import MultiCropAugmentation
 from dinospec.data.transforms import BLUR_PROBABILITIES_STATED, FastGaussianBlur
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dinov2"
 DRAWS = 1000
 N_LOCAL = 2
 CROPS = ("global1", "global2", "local")
@@ -43,10 +41,7 @@ def pipelines(aug: MultiCropAugmentation) -> dict[str, v2.Transform]:
 
 def reference_blur_probabilities() -> tuple[float, float, float]:
     """The RandomApply probability of each blur of DINOv2's own augmentation."""
-    sys.path.insert(0, str(REFERENCE))
-    from dinov2.data.augmentations import DataAugmentationDINO
-
-    ref = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 8)
+    ref = dinov2("dinov2.data.augmentations").DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 8)
     global1 = ref.global_transfo1.transforms[1]
     global2 = ref.global_transfo2.transforms[1].transforms[0]
     local = ref.local_transfo.transforms[1]

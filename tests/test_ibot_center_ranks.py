@@ -9,19 +9,18 @@ processes with 7 and 30 masked patches run dinospec's loss and the reference's
 from __future__ import annotations
 
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import dinov2
 from torch.testing import assert_close
 
 from dinospec.losses import IBOTPatchLoss
 from launch.local import free_port
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dinov2"
 WORLD_SIZE = 2
 K = 16
 MOMENTUM = 0.9
@@ -40,10 +39,7 @@ def _inputs() -> dict[str, torch.Tensor]:
 
 
 def _reference_loss(center: torch.Tensor) -> torch.nn.Module:
-    sys.path.insert(0, str(REFERENCE))
-    from dinov2.loss.ibot_patch_loss import iBOTPatchLoss
-
-    loss = iBOTPatchLoss(K, center_momentum=MOMENTUM)
+    loss = dinov2("dinov2.loss.ibot_patch_loss").iBOTPatchLoss(K, center_momentum=MOMENTUM)
     loss.center = center.clone()
     return loss
 

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import math
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import dinov2
 
 from dinospec.data import MaskingGenerator, collate_data_and_cast
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dinov2"
-sys.path.insert(0, str(REFERENCE))
-from dinov2.data import collate as reference_collate  # noqa: E402
-from dinov2.data.masking import MaskingGenerator as ReferenceGenerator  # noqa: E402
+reference_collate = dinov2("dinov2.data.collate")
+ReferenceGenerator = dinov2("dinov2.data.masking").MaskingGenerator
 
 GRID = 16  # 224 px crops, patch 14
 MAX_PATCHES = 0.5 * GRID * GRID  # DINOv2's train.py

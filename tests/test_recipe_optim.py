@@ -4,16 +4,13 @@ them, checked against DINOv2's own functions (../shared/reference/dinov2, import
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 import warnings
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from helpers import EVERYTHING, tiny_vit
+from helpers import dinov2 as reference
 from train_helpers import read_metrics, tiny_config
 
 from dinospec.models import layers
@@ -22,19 +19,7 @@ from dinospec.train.loop import schedules_for, train
 from dinospec.train.optim import param_groups
 from dinospec.train.schedules import CosineSchedule
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "dinov2"
 LAYER_DECAY, PATCH_EMBED_LR_MULT = 0.9, 0.2
-
-
-def reference(module: str) -> ModuleType:
-    """A module of DINOv2's own code; its warnings that xFormers is missing are expected."""
-    if not (REFERENCE / "dinov2").is_dir():
-        pytest.fail(f"DINOv2 reference code not found at {REFERENCE}")
-    if str(REFERENCE) not in sys.path:
-        sys.path.insert(0, str(REFERENCE))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return importlib.import_module(module)
 
 
 def _student(specialize=None) -> dict[str, torch.nn.Module]:

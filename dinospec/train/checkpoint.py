@@ -164,7 +164,8 @@ def _total(value: int) -> int:
     return int(tensor.item())
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks (checkpoint shards can be gigabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -174,7 +175,7 @@ def _file_digest(path: Path) -> str:
 
 def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
     return {
-        p.name: {"size": p.stat().st_size, "sha256": _file_digest(p)}
+        p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
         for p in sorted(directory.iterdir())
         if p.name != MARKER
     }

@@ -10,7 +10,6 @@ the record against the newest checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from dinospec.config import ModelConfig
 from dinospec.models.checkpoints import CheckpointError, write_backbone
+from dinospec.train.checkpoint import checkpoint_iteration, file_digest, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,6 @@ STEM = "teacher_backbone"
 SUFFIXES = (".safetensors", ".pth")
 RECORD = f"{STEM}.json"
 CHECKPOINTS = "checkpoints"
-_CHECKPOINT_PREFIX = "iter_"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _replace_durably(tmp: Path, path: Path) -> None:
@@ -55,7 +46,7 @@ def write_export(
         tmp = run_dir / f".{STEM}.partial{suffix}"
         try:
             write_backbone(state_dict, config, tmp)
-            digests[path.name] = _sha256(tmp)
+            digests[path.name] = file_digest(tmp)
             _replace_durably(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -66,12 +57,8 @@ def write_export(
 
 
 def _newest_checkpoint(run_dir: Path) -> int | None:
-    found = [
-        int(p.name.removeprefix(_CHECKPOINT_PREFIX))
-        for p in (run_dir / CHECKPOINTS).glob(f"{_CHECKPOINT_PREFIX}*")
-        if p.name.removeprefix(_CHECKPOINT_PREFIX).isdigit()
-    ]
-    return max(found, default=None)
+    found = list_checkpoints(run_dir / CHECKPOINTS)
+    return checkpoint_iteration(found[-1]) if found else None
 
 
 def check_export(path: Path) -> None:
@@ -86,7 +73,7 @@ def check_export(path: Path) -> None:
         expected, iteration = record["sha256"].get(path.name), int(record["iteration"])
     except (OSError, ValueError, KeyError, AttributeError) as err:
         raise CheckpointError(f"{record_path}: unreadable export record: {err}") from err
-    if expected != _sha256(path):
+    if expected != file_digest(path):
         raise CheckpointError(
             f"{path} is not the export recorded in {record_path.name} (iteration {iteration}): "
             "its write was cut short or the file was replaced; rerun the training command "
