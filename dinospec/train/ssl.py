@@ -73,8 +73,7 @@ class SSLModel(nn.Module):
         cls = out["x_norm_clstoken"].chunk(N_GLOBAL)
         swapped = torch.cat([cls[1], cls[0]])  # student view i is matched with teacher view j != i
         patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
-        cls_logits = self.teacher.dino_head(swapped)
-        patch_logits = getattr(self.teacher, self.ibot_head_name)(patches)
+        cls_logits, patch_logits = self._teacher_heads(swapped, patches)
         statistics = {}
         if self.config.train.centering == "softmax":
             cls_targets = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
@@ -89,6 +88,15 @@ class SSLModel(nn.Module):
             "cls_targets": cls_targets.chunk(N_GLOBAL),
             "patch_targets": patch_targets,
         }
+
+    def _teacher_heads(self, cls: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
+        """With one head for both objectives, [CLS] and masked patches go through it in one
+        call, as in DINOv2's teacher pass: one weight normalization of the prototypes and
+        one matrix product per layer instead of two."""
+        if self.config.ibot.separate_head:
+            return self.teacher.dino_head(cls), self.teacher.ibot_head(patches)
+        logits = self.teacher.dino_head(torch.cat([cls, patches]))
+        return logits.split([cls.shape[0], patches.shape[0]])
 
     def update_centers(self, targets: dict[str, Tensor]) -> None:
         """Queue this step's center updates; called only once the step is known to be sane,
