@@ -4,8 +4,9 @@
 # matplotlib, tqdm, pyyaml; not omegaconf, submitit, fvcore): fvcore, iopath and antlr4
 # 4.9.3 (omegaconf pins it) ship only as sdists, so they are built into wheels here. Puts
 # into .bench_data/ 128 Imagenette train JPEGs per class (about 16 MB), so that the
-# training loader can be timed with the device host's 16 cores. Both folders are
-# git-ignored; name them in the device call's `carry`.
+# training loader can be timed with the device host's 16 cores, and DINOv2's reference code
+# for the peer benchmark (vs_dinov2.py). Both folders are git-ignored; name them in the
+# device call's `carry`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rm -rf .whl && mkdir .whl
@@ -22,4 +23,5 @@ for class_dir in "$SOURCE"/*/; do
     mapfile -t images < <(find "$class_dir" -maxdepth 1 -name '*.JPEG' | sort)
     cp -t "$target" "${images[@]:0:128}"
 done
+cp -r "${SHARED:-../shared}/reference/dinov2" .bench_data/dinov2_reference
 du -sh .bench_data

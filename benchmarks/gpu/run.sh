@@ -31,6 +31,11 @@ for model in ${MODELS//,/ }; do
     timeout $limit python3 benchmarks/train_step.py --models "$model" --rounds 5 \
         --peak-tflops 989 --profile 25 2>&1 | tee "$OUT/train_step_$model.txt"
 done
+# The peer: DINOv2's own training step (carried by prepare.sh) against dinospec's, vanilla
+# and specialized, bf16; its agreement checks run first. Not yet run on a GPU.
+timeout 150 python3 benchmarks/vs_dinov2.py --device cuda --dtype bf16 --configs full \
+    --batch-sizes 32 --rounds 5 --reference .bench_data/dinov2_reference 2>&1 \
+    | tee "$OUT/vs_dinov2_bf16.txt"
 timeout 60 python3 benchmarks/backbone_vs_reference.py --device cuda --dtype bf16 \
     --batch 64 --rounds 9 2>&1 | tee "$OUT/backbone_vs_timm_bf16.txt"
 # The training loader on the host's cores (14 workers; the trainer and the pin thread keep
