@@ -12,17 +12,7 @@ from __future__ import annotations
 
 import signal
 
-from dinospec.config import Config
-from dinospec.train.loop import Trainer
 from dinospec.train.signals import REQUEUE, Handler, Interrupted, StopRequest
-
-
-class PreemptibleTrainer(Trainer):
-    """The pretraining run of a launched job (SLURM or `launch.local`): it stops on the
-    signals its job's StopRequest records."""
-
-    def __init__(self, config: Config, stop: StopRequest) -> None:
-        super().__init__(config, stop=stop)
 
 
 def requeue_handler(stop: StopRequest, interrupted: Interrupted) -> Handler | None:

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from dinospec.config import Config
+from dinospec.train.loop import Trainer
 from dinospec.train.runlock import lock_for_ranks
 from dinospec.train.signals import Interrupted, StopRequest
-from launch.preemption import PreemptibleTrainer, requeue_handler
+from launch.preemption import requeue_handler
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -45,7 +46,7 @@ class TrainJob:
             use_slurm_environment()
         stop = StopRequest()
         with stop.installed() if self.handle_signals else contextlib.nullcontext():
-            trainer = PreemptibleTrainer(self.config, stop)
+            trainer = Trainer(self.config, stop=stop)
             try:
                 with lock_for_ranks(trainer.run_dir):
                     run_dir = trainer.run()
@@ -54,7 +55,7 @@ class TrainJob:
         return {"status": "finished", "run_dir": str(run_dir), "iteration": trainer.stop}
 
     def _interrupted(
-        self, trainer: PreemptibleTrainer, stop: StopRequest, interrupted: Interrupted
+        self, trainer: Trainer, stop: StopRequest, interrupted: Interrupted
     ) -> dict[str, Any]:
         """Rank 0 hands a requeue request to submitit's handler (which requeues and exits);
         the other ranks return quietly so that no failed task cancels the step first. The
