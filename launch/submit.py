@@ -30,34 +30,41 @@ PROG = "python -m launch.submit"
 SLURM_OPTIONS = ("partition", "account", "qos", "constraint", "exclude", "comment")
 
 
+def add_resource_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The resource and SLURM options of a submission; returned so that another command
+    (`dinospec sweep --slurm`) can take the same options and know their defaults."""
+    resources = parser.add_argument_group("resources")
+    slurm = parser.add_argument_group("SLURM")
+    return [
+        resources.add_argument("--nodes", type=int, default=1),
+        resources.add_argument(
+            "--gpus-per-node", type=int, default=0, help="one task per GPU; 0 for CPU-only jobs"
+        ),
+        resources.add_argument(
+            "--tasks-per-node", type=int, help="tasks per node without GPUs (default 1)"
+        ),
+        resources.add_argument("--cpus-per-task", type=int, help="CPU cores per task"),
+        resources.add_argument("--mem", type=float, help="memory per node in GB"),
+        resources.add_argument(
+            "--timeout", type=int, default=60 * 24, help="time limit in minutes (default 1440)"
+        ),
+        *(slurm.add_argument(f"--{name}") for name in SLURM_OPTIONS),
+        slurm.add_argument("--job-name", help="default: dinospec-<job type>"),
+        slurm.add_argument(
+            "--signal-delay",
+            type=int,
+            default=120,
+            help="seconds between SIGUSR2 and the time limit: the grace time to checkpoint",
+        ),
+        slurm.add_argument(
+            "--max-timeouts", type=int, default=100, help="requeues on time-out before giving up"
+        ),
+    ]
+
+
 def build_parser(job: JobType) -> argparse.ArgumentParser:
     parser = job_parser(PROG, job)
-    resources = parser.add_argument_group("resources")
-    resources.add_argument("--nodes", type=int, default=1)
-    resources.add_argument(
-        "--gpus-per-node", type=int, default=0, help="one task per GPU; 0 for CPU-only jobs"
-    )
-    resources.add_argument(
-        "--tasks-per-node", type=int, help="tasks per node without GPUs (default 1)"
-    )
-    resources.add_argument("--cpus-per-task", type=int, help="CPU cores per task")
-    resources.add_argument("--mem", type=float, help="memory per node in GB")
-    resources.add_argument(
-        "--timeout", type=int, default=60 * 24, help="time limit in minutes (default 1440)"
-    )
-    slurm = parser.add_argument_group("SLURM")
-    for name in SLURM_OPTIONS:
-        slurm.add_argument(f"--{name}")
-    slurm.add_argument("--job-name", help="default: dinospec-<job type>")
-    slurm.add_argument(
-        "--signal-delay",
-        type=int,
-        default=120,
-        help="seconds between SIGUSR2 and the time limit: the grace time to checkpoint",
-    )
-    slurm.add_argument(
-        "--max-timeouts", type=int, default=100, help="requeues on time-out before giving up"
-    )
+    add_resource_options(parser)
     parser.add_argument(
         "--sweep",
         action="append",
@@ -115,11 +122,12 @@ def executor_parameters(job: JobType, args: argparse.Namespace) -> dict[str, Any
 
 def active_jobs(job_ids: Sequence[str]) -> list[str]:
     """Which of these jobs SLURM still has queued or running (none where SLURM's client is
-    missing: then nothing can have been submitted from here)."""
+    missing: then nothing can have been submitted from here). `-r` lists a job array one
+    task per line, so a pending task's id (`123_4`) is found too, not only `123_[4-7]`."""
     if not job_ids or shutil.which("squeue") is None:
         return []
     listed = subprocess.run(
-        ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True
+        ["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, check=True
     ).stdout.split()
     return [job_id for job_id in job_ids if job_id in listed]
 
