@@ -31,6 +31,6 @@ setup(
     },
     entry_points={
         "console_scripts": ["dinospec = dinospec.cli:main"],
-        "dinospec.commands": ["eval = eval.cli:register"],
+        "dinospec.commands": ["eval = eval.cli:register", "sweep = launch.sweep.cli:register"],
     },
 )
