@@ -27,7 +27,13 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
-        "dev": ["pytest>=8", "ruff>=0.6", "torchmetrics>=1.0", "timm>=1.0"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "torchmetrics>=1.0",
+            "timm>=1.0",
+            "transformers>=4.48",
+        ],
     },
     entry_points={
         "console_scripts": ["dinospec = dinospec.cli:main"],

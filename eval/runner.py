@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
-from dinospec.analysis.cli import backbone_file
 from dinospec.config import ConfigError, load_config
 from dinospec.models.checkpoints import load_backbone
 from dinospec.models.vit import DinoVisionTransformer
+from dinospec.train.exports import backbone_file
 from eval.config import BackboneSource, EvalConfig
 
 RESULTS_FILE = "results.json"
@@ -41,7 +41,7 @@ def load_frozen_backbone(
     """
     path = backbone_file(source.path)
     model_config = load_config(source.model_config).model if source.model_config else None
-    model = load_backbone(path, model_config, num_heads=source.num_heads)
+    model = load_backbone(path, model_config, source.num_heads, heads_key="backbone.num_heads")
     return model.requires_grad_(False).eval().to(device), path
 
 

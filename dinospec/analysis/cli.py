@@ -1,7 +1,8 @@
 """`dinospec analyze`, `dinospec pca` and `dinospec plot-metrics`.
 
-Inputs are resolved the same way for every command: a backbone is a weight file or a
-training run directory (its exported teacher), and images are a folder or the built-in
+Inputs are resolved the same way for every command: a backbone is a weight file (DINOv2
+hub, timm, Hugging Face or dinospec), a Hugging Face model directory or a training run
+directory (its exported teacher), and images are a folder or the built-in
 synthetic scenes, resized and centre-cropped to a multiple of the patch size.
 """
 
@@ -33,28 +34,13 @@ from dinospec.data.synthetic import SyntheticScenes
 from dinospec.data.transforms import normalize, to_uint8_image
 from dinospec.models.checkpoints import load_backbone
 from dinospec.models.vit import DinoVisionTransformer
-from dinospec.train.exports import STEM, SUFFIXES, check_export
+from dinospec.train.exports import backbone_file
 
-RUN_BACKBONES = tuple(f"{STEM}{suffix}" for suffix in SUFFIXES)
 SYNTHETIC = "synthetic"
 
 
-def backbone_file(path: str | Path) -> Path:
-    """A weight file as given, or the teacher a training run exported (safetensors first:
-    it carries the model config, so nothing has to be inferred). An export is checked
-    against the run's record of it, so an export cut short is never read as weights."""
-    path = Path(path)
-    if path.is_dir():
-        found = [path / name for name in RUN_BACKBONES if (path / name).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{path} is a directory without {' or '.join(RUN_BACKBONES)}")
-        path = found[0]
-    check_export(path)
-    return path
-
-
 def load_frozen(path: str | Path, num_heads: int | None, device: str) -> DinoVisionTransformer:
-    model = load_backbone(backbone_file(path), num_heads=num_heads)
+    model = load_backbone(backbone_file(path), num_heads=num_heads, heads_key="--num-heads")
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -124,7 +110,11 @@ def _add_model_options(parser: argparse.ArgumentParser, n: int) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--num-heads", type=int, default=None, help="heads, for .pth files (default: dim / 64)"
+        "--num-heads",
+        type=int,
+        default=None,
+        help="attention heads, for files that do not record them (default: those of the "
+        "released DINOv2 size the weights match, if any)",
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 

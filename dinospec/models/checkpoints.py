@@ -1,18 +1,23 @@
-"""Backbone weight files: official DINOv2 `.pth`, dinospec exports, safetensors.
+"""Backbone weight files in every layout dinospec reads: DINOv2's torch-hub state dicts and
+training checkpoints, timm's DINOv2 ViTs, Hugging Face `Dinov2Model` /
+`Dinov2WithRegistersModel` (a directory or its weight file) and dinospec's exports.
 
-A checkpoint must never run code, so `.pth` files are read with `weights_only=True` and
-everything else is safetensors. Loading checks the architecture before touching the model
-and lists every missing, unexpected or mis-shaped key at once.
+A checkpoint must never run code, so `.pth`/`.bin` files are read with `weights_only=True`
+and everything else is safetensors. The layout is recognised from the keys and converted
+to DINOv2's keys; the architecture is read from the file and checked against the config
+(heads: see dinospec.models.architecture); every missing, unexpected or mis-shaped key is
+listed at once, before the model is touched.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 import zipfile
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,41 +26,78 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from dinospec.config import ModelConfig, SpecializeConfig
-from dinospec.models.convert import fill_prefix_path, infer_model_config
+from dinospec.models.architecture import (
+    FileArchitecture,
+    architecture_problems,
+    shapes_architecture,
+    with_heads,
+)
+from dinospec.models.convert import fill_prefix_path
+from dinospec.models.errors import CheckpointError
+from dinospec.models.hf_layout import from_hf, hf_architecture, is_hf_layout
+from dinospec.models.timm_layout import from_timm, is_timm_layout
 from dinospec.models.vit import DinoVisionTransformer, build_backbone
+
+__all__ = [
+    "CheckpointError",
+    "Weights",
+    "load_backbone",
+    "load_weights",
+    "read_weights",
+    "save_backbone",
+]
+
+log = logging.getLogger(__name__)
 
 StateDict = dict[str, Tensor]
 CONFIG_METADATA_KEY = "dinospec_model_config"
+HF_CONFIG = "config.json"
+SHARD_INDEX = ".safetensors.index.json"
+HF_WEIGHTS = ("model.safetensors", f"model{SHARD_INDEX}", "pytorch_model.bin")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
-_ARCH_FIELDS = (
-    "patch_size",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "ffn_layer",
-    "num_register_tokens",
-)
 
 
-class CheckpointError(RuntimeError):
-    """A weight file that cannot be read or does not fit the model; says which and why."""
+@dataclass
+class Weights:
+    """A backbone read from a file: its state dict in DINOv2's layout, what the file says
+    about the architecture, the layout it was stored in, and what had to be supplied."""
+
+    state_dict: StateDict
+    architecture: FileArchitecture
+    layout: str
+    source: str
+    notes: list[str] = field(default_factory=list)
 
 
-def read_weights(path: str | Path) -> tuple[StateDict, ModelConfig | None]:
-    """The backbone state dict in a file, and the model config stored with it if any.
+def read_weights(path: str | Path) -> Weights:
+    """The backbone in a weight file or a Hugging Face model directory, in DINOv2's layout.
 
-    Accepts a plain state dict (as published for torch hub), a DINOv2 training checkpoint
-    (`{"model": {"teacher.backbone.*": ...}}`, chunked blocks included) and safetensors
-    files written by `save_backbone`.
+    Layouts: a plain state dict (torch hub, dinospec `.pth`), a DINOv2 training checkpoint
+    (`{"model": {"teacher.backbone.*": ...}}`, chunked blocks included), a timm DINOv2 ViT,
+    an HF DINOv2 model (safetensors, sharded or not, or `.bin`; `config.json` beside it
+    gives the head count and is checked against the tensors), and dinospec safetensors
+    (the model config in the metadata).
     """
     path = Path(path)
+    if path.is_dir():
+        return read_weights(hf_weight_file(path))
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
+    if path.name.endswith(SHARD_INDEX):
+        return _converted(_read_sharded(path), path)
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        tensors, metadata = _read_safetensors(path)
+        stored = metadata.get(CONFIG_METADATA_KEY)
+        if stored:
+            return _dinospec_weights(tensors, _config_from_json(stored), str(path))
+    else:
+        tensors = _backbone_state_dict(_torch_load(path), path)
+    return _converted(tensors, path)
+
+
+def _torch_load(path: Path) -> object:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path}: holds Python objects besides tensors; refusing to unpickle them "
@@ -63,24 +105,94 @@ def read_weights(path: str | Path) -> tuple[StateDict, ModelConfig | None]:
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"{path}: cannot be read, truncated or corrupt: {err}") from err
-    return _backbone_state_dict(obj, path), None
 
 
-def _read_safetensors(path: Path) -> tuple[StateDict, ModelConfig | None]:
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot be read, truncated or corrupt: {err}") from err
-    stored = metadata.get(CONFIG_METADATA_KEY)
-    return state_dict, _config_from_json(stored) if stored else None
+    return state_dict, metadata
 
 
 def _config_from_json(text: str) -> ModelConfig:
     fields = json.loads(text)
     fields["specialize"] = SpecializeConfig(**fields["specialize"])
     return ModelConfig(**fields)
+
+
+def _dinospec_weights(tensors: StateDict, stored: ModelConfig, source: str) -> Weights:
+    shapes = shapes_architecture(tensors, source)
+    return Weights(tensors, FileArchitecture(shapes, stored=stored), "dinospec", source)
+
+
+def hf_weight_file(directory: Path) -> Path:
+    """The weight file of an HF model directory (`config.json` beside it)."""
+    found = [directory / name for name in HF_WEIGHTS if (directory / name).is_file()]
+    if not found:
+        raise CheckpointError(
+            f"{directory}: a directory without {' or '.join(HF_WEIGHTS)} (nor a training "
+            "run directory with an exported teacher)"
+        )
+    return found[0]
+
+
+def _read_sharded(index: Path) -> StateDict:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: unreadable shard index: {err}") from err
+    tensors: StateDict = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(_read_safetensors(index.parent / shard)[0])
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{index}: tensors listed but in no shard: {missing[:8]}")
+    return tensors
+
+
+def _converted(tensors: StateDict, path: Path) -> Weights:
+    """Recognise the layout by its keys and bring it to DINOv2's."""
+    source = str(path)
+    if is_hf_layout(tensors):
+        state_dict, layout = from_hf(tensors), "hf"
+    elif is_timm_layout(tensors):
+        state_dict, layout = from_timm(tensors), "timm"
+    else:
+        state_dict, layout = dict(tensors), "hub"
+    notes = _fill_mask_token(state_dict, source)
+    shapes = shapes_architecture(state_dict, source)
+    if layout == "timm":
+        # timm resizes positions to the new grid, antialiased
+        shapes = replace(shapes, interpolate_offset=0.0, interpolate_antialias=True)
+    if layout != "hf":
+        return Weights(state_dict, FileArchitecture(shapes), layout, source, notes)
+    shapes = replace(
+        shapes, interpolate_offset=0.0, interpolate_antialias=shapes.num_register_tokens > 0
+    )
+    config_path = path.parent / HF_CONFIG
+    if not config_path.is_file():
+        notes.append(f"{source}: no {HF_CONFIG} beside it; the head count is not known")
+        return Weights(state_dict, FileArchitecture(shapes), layout, source, notes)
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{config_path}: unreadable: {err}") from err
+    shapes = hf_architecture(hf_config, shapes, f"{config_path} (for {path.name})")
+    arch = FileArchitecture(shapes, num_heads=shapes.num_heads)
+    return Weights(state_dict, arch, layout, source, notes)
+
+
+def _fill_mask_token(state_dict: StateDict, source: str) -> list[str]:
+    """DINOv2 starts `mask_token` at zeros and only iBOT's masked patches use it, so a
+    file without one (timm never has one) gets zeros, and says so."""
+    if "mask_token" in state_dict or "cls_token" not in state_dict:
+        return []
+    cls = state_dict["cls_token"]
+    state_dict["mask_token"] = cls.new_zeros(1, cls.shape[-1])
+    return [f"{source}: no mask_token; initialised to zeros, as DINOv2 initialises it"]
 
 
 def _backbone_state_dict(obj: object, path: Path) -> StateDict:
@@ -119,40 +231,46 @@ def load_backbone(
     path: str | Path,
     model: DinoVisionTransformer | ModelConfig | None = None,
     num_heads: int | None = None,
+    heads_key: str = "num_heads",
 ) -> DinoVisionTransformer:
-    """Load backbone weights from a file into `model`, or into a model built from `model`
-    (a config), from the config stored in the file, or from the architecture inferred from
-    the weights (`num_heads` defaults to 64-dimensional heads, as in every DINOv2 size).
+    """Load backbone weights (any layout `read_weights` knows) into `model`, or into a model
+    built from `model` (a config), or from the architecture the file records. Without a
+    config, a file that records no head count takes `num_heads`; `heads_key` is the
+    setting the error names when neither gives one (e.g. `backbone.num_heads`).
 
-    A vanilla file loaded into a specialized model fills the prefix path from the shared
+    A vanilla file loaded into a specialized model fills the prefix paths from the shared
     weights, which leaves the function unchanged.
     """
-    state_dict, stored = read_weights(path)
+    return load_weights(read_weights(path), model, num_heads, heads_key)
+
+
+def load_weights(
+    weights: Weights,
+    model: DinoVisionTransformer | ModelConfig | None = None,
+    num_heads: int | None = None,
+    heads_key: str = "num_heads",
+) -> DinoVisionTransformer:
+    """`load_backbone` for weights already read."""
     if isinstance(model, DinoVisionTransformer):
         target = model
     else:
-        config = model or stored or infer_model_config(state_dict, num_heads)
-        if stored is not None:
-            _check_same_architecture(config, stored, path)
+        config = model or with_heads(weights.architecture, num_heads, weights.source, heads_key)
         target = build_backbone(config)
-    load_state_dict_checked(target, state_dict, source=str(path))
+    problems = architecture_problems(weights.architecture, target.config)
+    load_state_dict_checked(target, weights.state_dict, weights.source, problems)
+    for note in weights.notes:
+        log.warning(note)
     return target
 
 
-def _check_same_architecture(config: ModelConfig, stored: ModelConfig, path: str | Path) -> None:
-    diffs = [
-        f"{k}: file {getattr(stored, k)!r} vs config {getattr(config, k)!r}"
-        for k in _ARCH_FIELDS
-        if getattr(stored, k) != getattr(config, k)
-    ]
-    if diffs:
-        raise CheckpointError(f"{path}: architecture differs from the config: {'; '.join(diffs)}")
-
-
 def load_state_dict_checked(
-    model: DinoVisionTransformer, state_dict: Mapping[str, Tensor], source: str = "state dict"
+    model: DinoVisionTransformer,
+    state_dict: Mapping[str, Tensor],
+    source: str = "state dict",
+    architecture: list[str] | None = None,
 ) -> None:
-    """Strict load that reports every problem at once, before changing any weight."""
+    """Strict load that reports every problem at once (with the `architecture`
+    differences already found), before changing any weight."""
     state_dict = fill_prefix_path(state_dict, model)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -165,6 +283,7 @@ def load_state_dict_checked(
     problems = [
         (title, items)
         for title, items in (
+            ("architecture differs from the config", architecture or []),
             ("missing keys", missing),
             ("unexpected keys", unexpected),
             ("shape mismatches", mismatched),

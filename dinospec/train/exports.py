@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import Tensor
 
 from dinospec.config import ModelConfig
-from dinospec.models.checkpoints import CheckpointError, write_backbone
+from dinospec.models.checkpoints import CheckpointError, hf_weight_file, write_backbone
 from dinospec.train.checkpoint import checkpoint_iteration, file_digest, list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ STEM = "teacher_backbone"
 SUFFIXES = (".safetensors", ".pth")
 RECORD = f"{STEM}.json"
 CHECKPOINTS = "checkpoints"
+RUN_BACKBONES = tuple(f"{STEM}{suffix}" for suffix in SUFFIXES)
 
 
 def _replace_durably(tmp: Path, path: Path) -> None:
@@ -88,3 +89,16 @@ def check_export(path: Path) -> None:
             iteration,
             newest,
         )
+
+
+def backbone_file(path: str | Path) -> Path:
+    """A weight file as given, the weight file of a Hugging Face model directory, or the
+    teacher a training run exported (safetensors first: it carries the model config, so
+    nothing has to be inferred). An export is checked against the run's record of it, so
+    an export cut short is never read as weights."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in RUN_BACKBONES if (path / name).is_file()]
+        path = found[0] if found else hf_weight_file(path)
+    check_export(path)
+    return path
