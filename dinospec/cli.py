@@ -6,10 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from dinospec.analysis.cli import register as register_analysis
-from dinospec.config import ConfigError, load_config
+from dinospec.config import ConfigError, load_config, load_model_config
 from dinospec.models.checkpoints import CheckpointError
+from dinospec.models.export_formats import EXPORT_FORMATS
 from dinospec.train.runlock import RunDirLocked
 from dinospec.train.signals import Interrupted
 
@@ -42,6 +44,35 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> None:
+    from dinospec.models.checkpoints import load_backbone
+    from dinospec.models.export_formats import DEFAULT_NAMES, export_backbone
+    from dinospec.train.exports import backbone_file
+
+    path = backbone_file(args.source)
+    config = load_model_config(args.model_config) if args.model_config else None
+    model = load_backbone(path, config, args.num_heads, heads_key="--num-heads")
+    stem = path.name.split(".")[0]
+    out = Path(args.out) if args.out else path.parent / DEFAULT_NAMES[args.format].format(stem=stem)
+    for line in export_backbone(model, args.format, out):
+        print(line)
+
+
+TRAIN_EPILOG = """\
+continue from pretrained weights:
+  train.pretrained_weights=PATH   student and teacher backbones start from PATH: a DINOv2
+                                  torch-hub .pth, a timm DINOv2 file, a Hugging Face
+                                  Dinov2Model directory or weight file, a dinospec export
+                                  or run directory (which also gives its heads). The
+                                  file's architecture must match model.*; a vanilla file
+                                  loads into a specialized model with the same function.
+  optim.head_warmup_epochs=N      with new heads: N epochs training heads and centres
+                                  alone, both backbones frozen (default 1)
+  optim.backbone_warmup_epochs=N  then N epochs of linear lr warm-up for the backbone
+                                  (default 1)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinospec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,10 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.depth=6")
     info.add_argument("--img-size", type=int, default=224, help="input size for the FLOP count")
     info.set_defaults(func=_info)
-    train = commands.add_parser("train", help="self-supervised pretraining (resumes if possible)")
+    train = commands.add_parser(
+        "train",
+        help="self-supervised pretraining (resumes if possible)",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.seed=1")
     train.set_defaults(func=_train)
+    export = commands.add_parser(
+        "export",
+        help="write a backbone for DINOv2's hub, timm, Hugging Face or as dinospec safetensors",
+        description="Read a backbone (weight file in any layout dinospec reads, HF model "
+        "directory or training run directory) and write it in another layout. Specialized "
+        "backbones have no timm or Hugging Face equivalent and are refused there.",
+    )
+    export.add_argument("source", help="weight file, HF model directory or run directory")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    export.add_argument(
+        "--out", default=None, help="output file (a directory for hf); default beside the source"
+    )
+    export.add_argument(
+        "--model-config",
+        default=None,
+        help="YAML whose model section is the architecture (e.g. to specialize on the way)",
+    )
+    export.add_argument(
+        "--num-heads", type=int, default=None, help="heads, for files that do not record them"
+    )
+    export.set_defaults(func=_export)
     register_analysis(commands)
     for plugin in entry_points(group=PLUGIN_GROUP):
         plugin.load()(commands)

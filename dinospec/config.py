@@ -259,6 +259,12 @@ class OptimConfig:
     freeze_last_layer_epochs: int = 1
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
+    # Only with train.pretrained_weights and heads not taken from it: first, epochs during
+    # which the heads (and the centres) train alone, both backbones frozen, so targets from
+    # random heads never reach a good backbone; then epochs over which the backbone's lr
+    # rises linearly from 0 to the schedule's, its own warm-up.
+    head_warmup_epochs: int = 1
+    backbone_warmup_epochs: int = 1
 
 
 @dataclass
@@ -288,6 +294,13 @@ class TrainConfig:
     # When checkpoints exist but none verifies, a run stops and lists them; set this to
     # start over from iteration 0 on purpose (they are moved to checkpoints/invalid/).
     discard_invalid_checkpoints: bool = False
+    # Student and teacher backbones start from these weights instead of a random init: a
+    # weight file, a Hugging Face model directory or a dinospec run directory, in any layout
+    # dinospec reads (DINOv2 torch hub, timm, Hugging Face, dinospec). The file's
+    # architecture must be the model's (a vanilla file fills a specialized model's prefix
+    # paths, same function). A run directory also gives its heads and centres; otherwise
+    # the heads warm up alone first (optim.head_warmup_epochs).
+    pretrained_weights: str | None = None
 
 
 @dataclass
@@ -361,6 +374,8 @@ TRAINING_RANGES: dict[str, Allowed] = {
     "optim.freeze_last_layer_epochs": NON_NEGATIVE,
     "optim.adamw_beta1": BELOW_ONE,
     "optim.adamw_beta2": BELOW_ONE,
+    "optim.head_warmup_epochs": NON_NEGATIVE,
+    "optim.backbone_warmup_epochs": NON_NEGATIVE,
     "train.seed": SEED,
     "train.batch_size_per_gpu": COUNT,
     "train.epoch_length": COUNT,
@@ -512,6 +527,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config
 
 
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The `model` section of a config file, validated alone: a file that names an
+    architecture (for reading weights) need not hold a trainable recipe around it."""
+    config, provenance = load_schema(Config, path, ())
+    problems = [(f"model.{k}", v, p) for k, v, p in model_problems(config.model)]
+    raise_problems(problems, provenance, "model config")
+    return config.model
+
+
 def config_to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
@@ -580,6 +604,10 @@ def training_problems(c: Config) -> list[tuple[str, Any, str]]:
         out.append(
             ("optim.warmup_epochs", c.optim.warmup_epochs, f"exceeds optim.epochs={c.optim.epochs}")
         )
+    warmups = c.optim.head_warmup_epochs + c.optim.backbone_warmup_epochs
+    if c.train.pretrained_weights and warmups > c.optim.epochs:
+        message = f"+ optim.backbone_warmup_epochs exceeds optim.epochs={c.optim.epochs}"
+        out.append(("optim.head_warmup_epochs", c.optim.head_warmup_epochs, message))
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
-from dinospec.config import ConfigError, load_config
+from dinospec.config import ConfigError, load_model_config
 from dinospec.models.checkpoints import load_backbone
 from dinospec.models.vit import DinoVisionTransformer
 from dinospec.train.exports import backbone_file
@@ -40,7 +40,7 @@ def load_frozen_backbone(
     A checkpoint that does not fit `model_config` raises CheckpointError naming both.
     """
     path = backbone_file(source.path)
-    model_config = load_config(source.model_config).model if source.model_config else None
+    model_config = load_model_config(source.model_config) if source.model_config else None
     model = load_backbone(path, model_config, source.num_heads, heads_key="backbone.num_heads")
     return model.requires_grad_(False).eval().to(device), path
 

@@ -70,7 +70,8 @@ def test_param_groups():
     assert counted == sum(p.numel() for p in [*backbone.parameters(), *head.parameters()])
 
     optimizer = torch.optim.AdamW(groups)
-    apply_schedule_values(optimizer, {"lr": 0.1, "last_layer_lr": 0.0, "wd": 0.04})
+    values = {"lr": 0.1, "backbone_lr": 0.1, "last_layer_lr": 0.0, "wd": 0.04}
+    apply_schedule_values(optimizer, values)
     by_name = _groups_by_name(optimizer.param_groups)
     assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(0.1 * 0.9**4)
     assert by_name["backbone.blocks.0.attn.qkv.weight"]["weight_decay"] == pytest.approx(0.04)

@@ -258,9 +258,25 @@ def load_weights(
         target = build_backbone(config)
     problems = architecture_problems(weights.architecture, target.config)
     load_state_dict_checked(target, weights.state_dict, weights.source, problems)
-    for note in weights.notes:
+    for note in [*weights.notes, *_interpolation_notes(weights, target.config)]:
         log.warning(note)
     return target
+
+
+def _interpolation_notes(weights: Weights, config: ModelConfig) -> list[str]:
+    """How positions are resized is no weight, so a config may differ from the file's
+    convention; features then differ from the source model's at other image sizes."""
+    ours = (config.interpolate_offset, config.interpolate_antialias)
+    theirs = weights.architecture.config
+    if ours == (theirs.interpolate_offset, theirs.interpolate_antialias):
+        return []
+    return [
+        f"{weights.source}: positions are resized with model.interpolate_offset="
+        f"{config.interpolate_offset}, model.interpolate_antialias={config.interpolate_antialias}"
+        f"; the weights' {weights.layout} convention is {theirs.interpolate_offset}, "
+        f"{theirs.interpolate_antialias}: outputs equal the source model's at "
+        f"{config.img_size} px, not at other sizes"
+    ]
 
 
 def load_state_dict_checked(

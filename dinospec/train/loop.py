@@ -49,6 +49,7 @@ from dinospec.train.data import (
 from dinospec.train.ema import ema_update
 from dinospec.train.exports import write_export
 from dinospec.train.optim import apply_schedule_values, param_groups
+from dinospec.train.pretrained import init_from_pretrained
 from dinospec.train.runlock import lock_for_ranks
 from dinospec.train.schedules import TrainingSchedules, dinov2_schedules
 from dinospec.train.signals import Interrupted, StopRequest
@@ -70,7 +71,11 @@ class Progress:
     skipped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
 
-def schedules_for(config: Config, global_batch: int) -> TrainingSchedules:
+def schedules_for(
+    config: Config, global_batch: int, warm_up_heads: bool = False
+) -> TrainingSchedules:
+    """The run's schedules; `warm_up_heads` (a backbone from weights, new heads) adds the
+    head warm-up with frozen backbones and the backbone's own lr warm-up after it."""
     o, t = config.optim, config.teacher
     return dinov2_schedules(
         epochs=o.epochs,
@@ -87,6 +92,8 @@ def schedules_for(config: Config, global_batch: int) -> TrainingSchedules:
         warmup_teacher_temp=t.warmup_teacher_temp,
         warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+        head_warmup_epochs=o.head_warmup_epochs if warm_up_heads else 0,
+        backbone_warmup_epochs=o.backbone_warmup_epochs if warm_up_heads else 0,
     )
 
 
@@ -148,7 +155,11 @@ class Trainer:
         self.run_dir = Path(config.train.output_dir)
         self.images = build_image_dataset(config)
         torch.manual_seed(config.train.seed)
-        self.model = SSLModel(config).to(self.info.device)
+        model = SSLModel(config)
+        self.pretrained = init_from_pretrained(model, config)
+        if self.pretrained is not None:
+            self._log(self.pretrained.describe())
+        self.model = model.to(self.info.device)
         self.model.train()
         self.autocast_dtype = autocast_dtype(config.train.precision, self.info.device)
         accelerate(self.model, config.train, self.info.device)
@@ -168,7 +179,8 @@ class Trainer:
             fused=True,
         )
         self.global_batch = config.train.batch_size_per_gpu * self.info.world_size
-        self.schedules = schedules_for(config, self.global_batch)
+        warm_up_heads = self.pretrained is not None and self.pretrained.heads_from is None
+        self.schedules = schedules_for(config, self.global_batch, warm_up_heads)
         self.total = o.epochs * config.train.epoch_length
         self.stop = min(n for n in (self.total, config.train.max_iterations) if n is not None)
         self.progress = Progress()
@@ -207,9 +219,13 @@ class Trainer:
         if self.info.is_main:
             write_export(state, self.config.model, self.run_dir, iteration)
 
-    def step(self, batch: dict[str, Any], values: dict[str, float]) -> StepResult:
+    def step(
+        self, batch: dict[str, Any], values: dict[str, float], frozen_backbone: bool = False
+    ) -> StepResult:
         """One optimization step. A non-finite loss term skips the update on every rank
-        (the flag is reduced), before anything (weights, centers) has changed.
+        (the flag is reduced), before anything (weights, centers) has changed. With
+        `frozen_backbone` (the head warm-up) only the heads and centres change: the
+        student backbone gets no gradient and the teacher's backbone no EMA update.
 
         The host waits for the device once per step, after the backward pass is queued
         (the finiteness flags and the logged loss terms travel together), so the GPU is not
@@ -220,7 +236,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
             targets = model.teacher_targets(batch, values["teacher_temp"])
-            terms, student_cls = model.losses(batch, targets)
+            terms, student_cls = model.losses(batch, targets, not frozen_backbone)
         sum(terms.values()).backward()
         finite, means = _reduced_flags_and_means(list(terms.values()))
         losses = dict(zip(terms, means, strict=True))
@@ -232,7 +248,9 @@ class Trainer:
         for module in model.student.values():
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.optim.clip_grad)
         self.optimizer.step()
-        ema_update(model.teacher, model.student, values["momentum"])
+        for name, part in model.teacher.items():
+            if not (frozen_backbone and name == "backbone"):
+                ema_update(part, model.student[name], values["momentum"])
         return StepResult(losses, model.monitor(targets, student_cls), [])
 
     def run(self) -> Path:
@@ -270,7 +288,7 @@ class Trainer:
             window.data_time += time.perf_counter() - t0
             if batch["step"] != iteration:
                 raise RuntimeError(f"data stream at step {batch['step']}, training at {iteration}")
-            result = self.step(batch, values)
+            result = self.step(batch, values, self.schedules.backbone_frozen(iteration))
             window.iterations += 1
             if result.nonfinite:
                 nonfinite_since = iteration if nonfinite_since is None else nonfinite_since
@@ -342,7 +360,7 @@ class Trainer:
             "loss": sum(losses.values()),
             "loss_window_mean": statistics.fmean(window.losses),
             **{f"loss_{k}": v for k, v in losses.items()},
-            **{k: values[k] for k in ("lr", "wd", "momentum", "teacher_temp")},
+            **{k: values[k] for k in ("lr", "backbone_lr", "wd", "momentum", "teacher_temp")},
             **monitor,
             "images_per_s": self.global_batch / per_iter,
             "data_time_s": window.data_time / iters,

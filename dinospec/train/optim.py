@@ -58,9 +58,12 @@ def param_groups(
 
     Layer-wise decay applies to modules with `blocks` (the backbone); heads learn at the
     full rate. Parameters with the same multipliers share a group, which keeps the fused
-    optimizer kernels few.
+    optimizer kernels few; backbone and heads never share one, since the backbone may
+    follow its own lr warm-up.
     """
-    fused: dict[tuple[float, float, bool], dict] = defaultdict(lambda: {"params": [], "names": []})
+    fused: dict[tuple[float, float, bool, bool], dict] = defaultdict(
+        lambda: {"params": [], "names": []}
+    )
     for prefix, module in modules.items():
         depth = len(module.blocks) if hasattr(module, "blocks") else None
         for name, param in module.named_parameters():
@@ -73,18 +76,27 @@ def param_groups(
             )
             wd_mult = 1.0 if takes_weight_decay(name) else 0.0
             is_last_layer = name.startswith("last_layer.")
-            group = fused[(lr_mult, wd_mult, is_last_layer)]
+            group = fused[(lr_mult, wd_mult, is_last_layer, depth is not None)]
             group["params"].append(param)
             group["names"].append(f"{prefix}.{name}")
     return [
-        {**group, "lr_multiplier": lr, "wd_multiplier": wd, "is_last_layer": last}
-        for (lr, wd, last), group in fused.items()
+        {
+            **group,
+            "lr_multiplier": lr,
+            "wd_multiplier": wd,
+            "is_last_layer": last,
+            "is_backbone": backbone,
+        }
+        for (lr, wd, last, backbone), group in fused.items()
     ]
 
 
 def apply_schedule_values(optimizer: torch.optim.Optimizer, values: Mapping[str, float]) -> None:
     """Set each group's lr and weight decay from the schedule values of this iteration."""
     for group in optimizer.param_groups:
-        lr = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
+        if group["is_last_layer"]:
+            lr = values["last_layer_lr"]
+        else:
+            lr = values["backbone_lr"] if group["is_backbone"] else values["lr"]
         group["lr"] = lr * group["lr_multiplier"]
         group["weight_decay"] = values["wd"] * group["wd_multiplier"]

@@ -64,6 +64,23 @@ class TrainingSchedules:
     momentum: CosineSchedule
     teacher_temp: CosineSchedule
     last_layer_freeze_iters: int
+    head_warmup_iters: int = 0
+    backbone_warmup_iters: int = 0
+
+    def backbone_frozen(self, iteration: int) -> bool:
+        """Whether only the heads train: a backbone started from good weights is kept
+        from the gradients of targets that random heads make."""
+        return iteration < self.head_warmup_iters
+
+    def backbone_lr(self, iteration: int) -> float:
+        """The lr, times a ramp from 0 to 1 over the backbone's own warm-up that starts
+        when the head warm-up ends (0 while frozen)."""
+        since = iteration - self.head_warmup_iters
+        if since < 0:
+            return 0.0
+        if since >= self.backbone_warmup_iters:
+            return self.lr(iteration)
+        return self.lr(iteration) * since / self.backbone_warmup_iters
 
     def last_layer_lr(self, iteration: int) -> float:
         """The head's last layer stays frozen at first: early prototypes are noise and
@@ -89,6 +106,7 @@ class TrainingSchedules:
     def at(self, iteration: int) -> dict[str, float]:
         return {
             "lr": self.lr(iteration),
+            "backbone_lr": self.backbone_lr(iteration),
             "last_layer_lr": self.last_layer_lr(iteration),
             "wd": self.weight_decay(iteration),
             "momentum": self.momentum(iteration),
@@ -111,8 +129,11 @@ def dinov2_schedules(
     warmup_teacher_temp: float = 0.04,
     warmup_teacher_temp_epochs: int = 30,
     freeze_last_layer_epochs: int = 1,
+    head_warmup_epochs: int = 0,
+    backbone_warmup_epochs: int = 0,
 ) -> TrainingSchedules:
-    """DINOv2's schedules; the lr scales with sqrt(batch / 1024)."""
+    """DINOv2's schedules; the lr scales with sqrt(batch / 1024). The head and backbone
+    warm-ups (none in DINOv2) are for backbones that start from pretrained weights."""
     total = epochs * epoch_length
     lr = base_lr * math.sqrt(batch_size / 1024)
     return TrainingSchedules(
@@ -127,4 +148,6 @@ def dinov2_schedules(
             start_warmup_value=warmup_teacher_temp,
         ),
         last_layer_freeze_iters=freeze_last_layer_epochs * epoch_length,
+        head_warmup_iters=head_warmup_epochs * epoch_length,
+        backbone_warmup_iters=backbone_warmup_epochs * epoch_length,
     )

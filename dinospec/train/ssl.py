@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import replace
@@ -108,16 +109,19 @@ class SSLModel(nn.Module):
             self.ibot_loss.queue_update(targets["patch_statistics"])
 
     def losses(
-        self, batch: dict[str, Any], targets: dict[str, Any]
+        self, batch: dict[str, Any], targets: dict[str, Any], train_backbone: bool = True
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Every weighted loss term of the step (their sum is the training loss), and the
-        student's global [CLS] tokens for the collapse monitor."""
+        student's global [CLS] tokens for the collapse monitor. With `train_backbone`
+        false the student backbone runs without autograd: its parameters get no gradient
+        (the optimizer skips them) and the backward pass stops at the heads."""
         n_local = self.config.crops.local_crops_number
         crops, masks = [batch["collated_global_crops"]], [batch["collated_masks"]]
         if n_local:
             crops.append(batch["collated_local_crops"])
             masks.append(None)
-        outputs = self.student.backbone(crops, masks=masks, is_training=True)
+        with contextlib.nullcontext() if train_backbone else torch.no_grad():
+            outputs = self.student.backbone(crops, masks=masks, is_training=True)
         global_out = outputs[0]
         student_cls = global_out["x_norm_clstoken"]
         patches = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
