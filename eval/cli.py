@@ -1,4 +1,4 @@
-"""`dinospec eval-seg` and `dinospec eval-cls`, plugged into the `dinospec` command through
+"""`dinospec eval-seg`, `eval-cls` and `eval-depth`, plugged into the `dinospec` command through
 the `dinospec.commands` entry-point group (dinospec itself never imports eval).
 
     dinospec eval-seg configs/eval/camvid_linear.yaml backbone.path=runs/vits14
@@ -50,6 +50,12 @@ def _segmentation_job() -> Job:
     return evaluate_segmentation
 
 
+def _depth_job() -> Job:
+    from eval.run_depth import evaluate_depth
+
+    return evaluate_depth
+
+
 def _classification_job() -> Job:
     from eval.run_cls import evaluate_classification
 
@@ -57,10 +63,11 @@ def _classification_job() -> Job:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `eval-seg` and `eval-cls` to a command's subparsers."""
+    """Add `eval-seg`, `eval-cls` and `eval-depth` to a command's subparsers."""
     jobs = (
         ("eval-seg", "linear segmentation probe (mIoU) of a frozen backbone", _segmentation_job),
         ("eval-cls", "k-NN and linear classification of a frozen backbone", _classification_job),
+        ("eval-depth", "linear depth probe (RMSE) of a frozen backbone", _depth_job),
     )
     for name, help_text, job in jobs:
         parser = subparsers.add_parser(name, help=help_text)

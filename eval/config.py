@@ -33,9 +33,11 @@ from eval.linear_cls import LR_GRID
 
 SEG_KINDS = ("ade20k", "camvid", "folder_pairs")
 CLS_KINDS = ("imagenet", "class_folders")
-DATASET_KINDS = SEG_KINDS + CLS_KINDS
+DEPTH_KINDS = ("nyu", "depth_folders")
+DATASET_KINDS = SEG_KINDS + CLS_KINDS + DEPTH_KINDS
 N_LAYERS = (1, 4)
-FOLDER_PAIR_KEYS = ("train_images", "train_labels", "val_images", "val_labels", "class_file")
+FOLDER_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
+FOLDER_PAIR_KEYS = (*FOLDER_KEYS, "class_file")
 
 
 @dataclass
@@ -54,7 +56,10 @@ class DatasetSource:
     """Where images come from. Segmentation: ade20k / camvid (`root` + splits) or
     folder_pairs (explicit folders + `class_file`). Classification: imagenet or
     class_folders, both `root/<split>/<class>/<image>`; `class_file` optionally names the
-    classes in sorted-folder order. The limits take an evenly spaced subset, for quick runs."""
+    classes in sorted-folder order. Depth: nyu (`root` + split files named by the splits)
+    or depth_folders (the `*_labels` folders hold the 16-bit PNG depth maps), depth maps
+    storing depth in metres x `depth_scale`. The limits take an evenly spaced subset, for
+    quick runs."""
 
     kind: str = "camvid"
     root: str | None = None
@@ -71,6 +76,7 @@ class DatasetSource:
     max_val_images: int | None = None
     train_per_class: int | None = None
     val_per_class: int | None = None
+    depth_scale: float = 1000.0
     num_workers: int = 2
 
 
@@ -118,11 +124,35 @@ class ClsSettings:
 
 
 @dataclass
+class DepthSettings:
+    """DINOv2's linear depth probe (eval.run_depth); defaults are its NYU Depth v2 recipe:
+    AdamW, linear warm-up from 0.001x then cosine, gradients clipped at norm 35, random
+    `crop_size` (H, W) views, whole-image test with a horizontal flip. `batch_size` is the
+    global batch (DINOv2's configs give 2 per GPU without the GPU count; 16 assumes 8)."""
+
+    iterations: int = 38_400
+    batch_size: int = 16
+    lr: float = 1.0e-4
+    weight_decay: float = 1.0e-2
+    warmup_iterations: int = 12_800
+    grad_clip: float = 35.0
+    crop_size: list[int] = field(default_factory=lambda: [416, 544])
+    n_layers: int = 1
+    n_bins: int = 256
+    min_depth: float = 1.0e-3
+    max_depth: float = 10.0
+    gradient_loss_weight: float = 0.5
+    flip: bool = True
+    num_visualized: int = 4
+
+
+@dataclass
 class EvalConfig:
     backbone: BackboneSource = field(default_factory=BackboneSource)
     dataset: DatasetSource = field(default_factory=DatasetSource)
     seg: SegSettings = field(default_factory=SegSettings)
     cls: ClsSettings = field(default_factory=ClsSettings)
+    depth: DepthSettings = field(default_factory=DepthSettings)
     output_dir: str = "outputs/eval"
     device: str = "cpu"
     seed: int = 0
@@ -136,6 +166,7 @@ EVAL_RANGES: dict[str, Allowed] = {
     "dataset.max_val_images": COUNT,
     "dataset.train_per_class": COUNT,
     "dataset.val_per_class": COUNT,
+    "dataset.depth_scale": POSITIVE,
     "dataset.num_workers": NON_NEGATIVE,
     "seg.iterations": COUNT,
     "seg.batch_size": COUNT,
@@ -157,6 +188,19 @@ EVAL_RANGES: dict[str, Allowed] = {
     "cls.epochs": COUNT,
     "cls.batch_size": COUNT,
     "cls.holdout_fraction": Range(0, 1, open_low=True, open_high=True),
+    "depth.iterations": COUNT,
+    "depth.batch_size": COUNT,
+    "depth.lr": POSITIVE,
+    "depth.weight_decay": NON_NEGATIVE,
+    "depth.warmup_iterations": NON_NEGATIVE,
+    "depth.grad_clip": POSITIVE,
+    "depth.crop_size": Each(COUNT),
+    "depth.n_layers": OneOf(N_LAYERS),
+    "depth.n_bins": Range(2),
+    "depth.min_depth": POSITIVE,
+    "depth.max_depth": POSITIVE,
+    "depth.gradient_loss_weight": NON_NEGATIVE,
+    "depth.num_visualized": NON_NEGATIVE,
     "seed": SEED,
 }
 """Allowed values of every numeric key of EvalConfig (null, where the schema allows it,
@@ -180,6 +224,7 @@ def eval_problems(c: EvalConfig) -> list[tuple[str, Any, str]]:
     out += _dataset_problems(c.dataset)
     out += _seg_problems(c.seg)
     out += _cls_problems(c.cls)
+    out += _depth_problems(c.depth)
     try:
         torch.device(c.device)
     except RuntimeError as err:
@@ -191,10 +236,11 @@ def _dataset_problems(d: DatasetSource) -> list[tuple[str, Any, str]]:
     out: list[tuple[str, Any, str]] = []
     if d.kind not in DATASET_KINDS:
         out.append(("dataset.kind", d.kind, f"must be one of {list(DATASET_KINDS)}"))
-    if d.kind == "folder_pairs":
+    if d.kind in ("folder_pairs", "depth_folders"):
+        keys = FOLDER_PAIR_KEYS if d.kind == "folder_pairs" else FOLDER_KEYS
         out += [
-            (f"dataset.{k}", None, "is required for kind 'folder_pairs'")
-            for k in FOLDER_PAIR_KEYS
+            (f"dataset.{k}", None, f"is required for kind '{d.kind}'")
+            for k in keys
             if not getattr(d, k)
         ]
     elif d.kind in DATASET_KINDS and not d.root:
@@ -223,4 +269,21 @@ def _cls_problems(s: ClsSettings) -> list[tuple[str, Any, str]]:
         out.append(("cls.optimizer", s.optimizer, "must be 'sgd' or 'adamw'"))
     if not (s.knn or s.linear):
         out.append(("cls.knn", s.knn, "nothing to do: cls.knn and cls.linear are both false"))
+    return out
+
+
+def _depth_problems(s: DepthSettings) -> list[tuple[str, Any, str]]:
+    out: list[tuple[str, Any, str]] = []
+    if s.warmup_iterations > s.iterations:
+        out.append(
+            (
+                "depth.warmup_iterations",
+                s.warmup_iterations,
+                f"exceeds depth.iterations={s.iterations}",
+            )
+        )
+    if len(s.crop_size) != 2:
+        out.append(("depth.crop_size", s.crop_size, "must be [height, width]"))
+    if s.min_depth >= s.max_depth:
+        out.append(("depth.min_depth", s.min_depth, f"is not below max_depth={s.max_depth}"))
     return out

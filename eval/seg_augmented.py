@@ -12,7 +12,8 @@ on the number of ranks or of loader workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from eval.config import EvalConfig
 from eval.global_bn import GlobalBatchNorm2d
 from eval.metrics import IGNORE_INDEX, sum_across_ranks
 from eval.runner import Console
-from eval.seg_data import SegmentationDataset
+from eval.seg_data import PairTransform, SegmentationDataset
 from eval.seg_head import LinearSegmenter
 from eval.seg_probe import probe_config, probe_optimizer
 from eval.seg_transforms import SegTrainTransform
@@ -60,15 +61,17 @@ class GlobalBatches(Sampler[list[Key]]):
 
 
 class SeededAugmentation(Dataset):
-    """The augmented pair of a key: random rescale, crop and flip drawn from a generator
-    seeded by (seed, position), the same whichever rank or worker reads it."""
+    """The augmented pair of a key: the transform `augmentation(generator=...)` builds, with
+    a generator seeded by (seed, position), so the same whichever rank or worker reads it."""
 
     def __init__(
-        self, pairs: SegmentationDataset, base_size: int, crop_size: int, seed: int
+        self,
+        pairs: Dataset,
+        augmentation: Callable[..., PairTransform],
+        seed: int,
     ) -> None:
         self.pairs = pairs
-        self.base_size = base_size
-        self.crop_size = crop_size
+        self.augmentation = augmentation
         self.seed = seed
 
     def __len__(self) -> int:
@@ -78,8 +81,7 @@ class SeededAugmentation(Dataset):
         index, position = key
         state = np.random.SeedSequence([self.seed, position]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(state))
-        transform = SegTrainTransform(self.base_size, self.crop_size, generator=generator)
-        return transform(*self.pairs[index])
+        return self.augmentation(generator=generator)(*self.pairs[index])
 
 
 def global_batch_step(
@@ -114,7 +116,9 @@ def train_augmented(
     device = next(segmenter.head.parameters()).device
     train_set.transform = None
     loader = DataLoader(
-        SeededAugmentation(train_set, s.base_size, s.crop_size, config.seed),
+        SeededAugmentation(
+            train_set, partial(SegTrainTransform, s.base_size, s.crop_size), config.seed
+        ),
         batch_sampler=GlobalBatches(
             len(train_set), min(s.batch_size, len(train_set)), ranks, config.seed
         ),

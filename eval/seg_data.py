@@ -137,9 +137,10 @@ def _require_dir(path: Path) -> Path:
 
 
 def find_pairs(
-    image_dir: Path, label_dir: Path, label_suffix: str = ".png"
+    image_dir: Path, label_dir: Path, label_suffix: str = ".png", what: str = "label"
 ) -> list[tuple[Path, Path]]:
-    """(image, label) paths matched by file stem, sorted so every rank sees the same order."""
+    """(image, label) paths matched by file stem, sorted so every rank sees the same order;
+    `what` names the second file of a pair in errors."""
     _require_dir(image_dir)
     _require_dir(label_dir)
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -149,7 +150,7 @@ def find_pairs(
     missing = [label for _, label in pairs if not label.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} image(s) in {image_dir} have no label, first: {missing[0]}"
+            f"{len(missing)} image(s) in {image_dir} have no {what}, first: {missing[0]}"
         )
     return pairs
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from dinospec.config import ConfigError
@@ -94,6 +95,14 @@ class Ranks:
         box = [value]
         dist.broadcast_object_list(box, src=0, group=self.host_group)
         return box[0]
+
+    def share_main_state(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers of `module` on every rank: a probe head only rank
+        0 trained then scores every shard of val."""
+        state = None
+        if self.is_main:
+            state = {name: value.cpu() for name, value in module.state_dict().items()}
+        module.load_state_dict(self.from_main(state))
 
     def _padded(self, local: torch.Tensor, total: int) -> torch.Tensor:
         """`local` (on the host) with zero rows appended up to the longest shard's length,

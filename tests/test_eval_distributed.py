@@ -2,12 +2,13 @@
 
 The reference runs in this process and the two ranks are spawned with torchrun's
 variables, all with one CPU thread, on shards of uneven size (7 train / 5 val
-segmentation images, 15 / 9 classification images, a global batch of 3) so that the
-padding of the gathers and the uneven split of a global batch are exercised. A feature
-does not depend on which other images share its batch (MKL's strict reproducibility mode,
-set by conftest and inherited by the ranks), so k-NN, linear-probe and cached-feature
-results must be identical to the bit. Augmented training sums a global batch over ranks
-in another order than one process does, so its head may differ by float rounding only.
+segmentation images, 15 / 9 classification images, 5 val depth scenes, a global batch of
+3) so that the padding of the gathers and the uneven split of a global batch are
+exercised. A feature does not depend on which other images share its batch (MKL's strict
+reproducibility mode, set by conftest and inherited by the ranks), so k-NN, linear-probe,
+cached-feature and depth results (whose head rank 0 trains alone) must be identical to
+the bit. Augmented segmentation training sums a global batch over ranks in another order
+than one process does, so its head may differ by float rounding only.
 
 The backbone has random values in every parameter: a freshly initialised one (LayerScale
 1e-5) gives nearly the same [CLS] for every image, with exactly tied similarities, and
@@ -30,11 +31,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import SHARED
 from helpers import randomize, tiny_vit
+from test_eval_depth import make_folders
 
 from dinospec.models.checkpoints import save_backbone
 from eval.config import load_eval_config
 from eval.global_bn import GlobalBatchNorm2d
 from eval.run_cls import evaluate_classification
+from eval.run_depth import evaluate_depth
 from eval.run_seg import evaluate_segmentation
 from eval.seg_augmented import GlobalBatches
 from eval.sharding import Ranks
@@ -46,9 +49,9 @@ CLS_CLASSES = ("n01440764", "n02102040", "n02979186")
 PER_RUN_KEYS = {"config", "date", "num_processes"}
 """Keys that name the run (output directory, time, process count), not its result."""
 
-JOBS = {"cls": evaluate_classification, "seg": evaluate_segmentation}
+JOBS = {"cls": evaluate_classification, "seg": evaluate_segmentation, "depth": evaluate_depth}
 Job = tuple[str, str, list[str]]
-"""(name, 'cls' or 'seg', config overrides)"""
+"""(name, a key of JOBS, config overrides)"""
 
 
 def _run_job(rank: int, job: Job, out: Path) -> None:
@@ -112,8 +115,25 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> list[Job]:
         "cls.epochs=3",
         "cls.holdout_fraction=0.2",
     ]
+    scenes = tmp_path_factory.mktemp("scenes")
+    make_folders(scenes, {"train": 4, "val": 5}, (16, 24))
+    depth = [
+        *common,
+        "dataset.kind=depth_folders",
+        *(
+            f"dataset.{split}_{kind}={scenes / split / folder}"
+            for split in ("train", "val")
+            for kind, folder in (("images", "images"), ("labels", "depth"))
+        ),
+        "depth.iterations=3",
+        "depth.batch_size=2",
+        "depth.warmup_iterations=1",
+        "depth.crop_size=[16,16]",
+        "depth.num_visualized=3",
+    ]
     return [
         ("cls", "cls", cls),
+        ("depth", "depth", depth),
         ("cached", "seg", [*seg, "seg.cache_features=true", "seg.batch_size=4"]),
         ("augmented", "seg", [*seg, "seg.batch_size=3", "seg.flip=true"]),
     ]
@@ -164,7 +184,7 @@ def _result(report: dict, name: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cls", "cached", "augmented"])
+@pytest.mark.parametrize("name", ["cls", "cached", "augmented", "depth"])
 def test_ranks_agree_and_only_rank_0_speaks(runs: dict, name: str) -> None:
     rank0, rank1 = runs[2]
     assert rank0[name]["results"] == rank1[name]["results"]
@@ -173,13 +193,15 @@ def test_ranks_agree_and_only_rank_0_speaks(runs: dict, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cls", "cached"])
+@pytest.mark.parametrize("name", ["cls", "cached", "depth"])
 def test_two_processes_give_exactly_the_results_of_one(runs: dict, name: str) -> None:
     one, two = _result(runs[1][0], name), _result(runs[2][0], name)
     assert one == two
     if name == "cls":
         assert set(one) >= {"knn", "linear", "confusion_matrix"}
         assert one["num_train_images"] == 15 and one["num_val_images"] == 9
+    elif name == "depth":
+        assert one["num_scored_images"] == 5 and len(one["per_image"]) == 5
     else:
         assert sum(map(sum, one["confusion_matrix"])) > 0
 
