@@ -81,11 +81,13 @@ def plot_training_curves(run_dir: Path) -> Path:
     fig, (losses, monitor) = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted(k for k in records[0] if k.startswith("loss")):
         losses.plot(steps, [r[key] for r in records], label=key.removeprefix("loss_") or "total")
-    losses.set(title="Training losses", xlabel="iteration", ylabel="loss")
+    losses.set(title="Training losses", xlabel="iteration", ylabel="loss (no unit)")
     losses.legend()
     for key in ("teacher_entropy", "student_cls_std"):
         monitor.plot(steps, [r[key] for r in records], label=key)
-    monitor.set(title="Collapse monitor", xlabel="iteration", ylabel="value")
+    monitor.set(
+        title="Collapse monitor", xlabel="iteration", ylabel="entropy / log K, [CLS] std (no unit)"
+    )
     monitor.legend()
     fig.tight_layout()
     path = run_dir / "training_curves.png"

@@ -165,7 +165,7 @@ def plot_confusion(matrix: torch.Tensor, names: list[str], title: str, path: Pat
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.colorbar(shown, ax=ax, fraction=0.046)
+    fig.colorbar(shown, ax=ax, fraction=0.046, label="share of the true class (recall)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -19,12 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
+from dinospec.analysis.plots import save_figure
 from dinospec.config import ConfigError
 from eval.config import SEG_KINDS, DatasetSource, EvalConfig
 from eval.metrics import IGNORE_INDEX, ConfusionMatrix, scores_from_confusion
@@ -50,20 +49,24 @@ from eval.seg_transforms import (
     resize_label,
 )
 from eval.sharding import Ranks, joined_ranks
+from eval.subsets import image_name, spread_indices
 
 IOU_PLOT = "per_class_iou.png"
 PREDICTIONS_PLOT = "predictions.png"
 HEAD_FILE = "linear_head.pt"
 PALETTE_SEED = 0
+IGNORED_NAME = "ignored (not scored)"
 Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(image, ground truth, prediction) of one val image."""
+Indexed = list[tuple[int, Example]]
+Named = list[tuple[str, Example]]
+"""Examples titled by their image file (folder/stem)."""
 
 
 def evenly_spaced(dataset: SegmentationDataset, limit: int | None) -> SegmentationDataset:
     """At most `limit` pairs spread over the whole (sorted) set: the first n images of a
     video dataset like CamVid would all come from one sequence."""
-    if limit is not None and limit < len(dataset.pairs):
-        step = len(dataset.pairs) / limit
-        dataset.pairs = [dataset.pairs[int(i * step)] for i in range(limit)]
+    dataset.pairs = [dataset.pairs[i] for i in spread_indices(len(dataset.pairs), limit)]
     return dataset
 
 
@@ -136,14 +139,6 @@ def train_on_cached_features(
     return {"mode": "cached_features", "augmentation": "none (centre crop)"}
 
 
-def share_main_head(segmenter: LinearSegmenter, ranks: Ranks) -> None:
-    """Rank 0's trained head on every rank, so all shards of val are scored by one head."""
-    state = None
-    if ranks.is_main:
-        state = {name: value.cpu() for name, value in segmenter.head.state_dict().items()}
-    segmenter.head.load_state_dict(ranks.from_main(state))
-
-
 @torch.no_grad()
 def evaluate(
     segmenter: LinearSegmenter,
@@ -151,15 +146,17 @@ def evaluate(
     config: EvalConfig,
     console: Console,
     ranks: Ranks,
-) -> tuple[torch.Tensor, list[Example] | None]:
+) -> tuple[torch.Tensor, Indexed | None]:
     """Confusion matrix over the whole val set (this rank scores its shard), and on rank 0
-    the (image, label, pred) of the first few val images, whichever rank scored them."""
+    (index, (image, label, pred)) of `seg.num_visualized` val images spread over the set,
+    whichever rank scored them."""
     s = config.seg
     device = next(segmenter.head.parameters()).device
     scales = MS_SCALES if s.multiscale else (1.0,)
     transform = SegTestTransform(s.base_size)
     confusion = ConfusionMatrix(segmenter.num_classes)
-    examples: list[tuple[int, Example]] = []
+    shown = set(spread_indices(len(val_set), s.num_visualized))
+    examples: Indexed = []
     segmenter.eval()
     val_set.transform = None
     views = f"{len(scales)} scale(s){' + flip' if s.flip else ''}"
@@ -175,11 +172,10 @@ def evaluate(
         )
         pred = probs.argmax(1)[0].cpu()
         confusion.update(pred, label)
-        if index < s.num_visualized:
+        if index in shown:
             examples.append((index, (raw, label, pred)))
     gathered = ranks.objects_to_main(examples)
-    firsts = None if gathered is None else [example for _, example in sorted(gathered)]
-    return confusion.total(), firsts
+    return confusion.total(), None if gathered is None else sorted(gathered, key=lambda e: e[0])
 
 
 def palette(num_classes: int) -> torch.Tensor:
@@ -195,35 +191,51 @@ def colourize(label: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     return colours[torch.where(label == IGNORE_INDEX, ignored, label)]
 
 
-def plot_class_iou(names: list[str], iou: list[float], path: Path) -> None:
+def class_iou_figure(names: list[str], iou: list[float]) -> Figure:
     """NaN (class absent from labels and predictions) is drawn as an empty, marked slot."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(names)), 4))
+    fig = Figure(figsize=(max(6.0, 0.3 * len(names)), 4), layout="constrained")
+    ax = fig.subplots()
     values = [0.0 if v != v else 100 * v for v in iou]
     ax.bar(range(len(names)), values, color="tab:blue")
     for i, v in enumerate(iou):
         if v != v:
             ax.text(i, 1, "n/a", ha="center", rotation=90, fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set(ylabel="IoU (%)", ylim=(0, 100), title="Per-class IoU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ax.set(xlabel="class", ylabel="IoU (%)", ylim=(0, 100), title="Per-class IoU on val")
+    return fig
 
 
-def plot_predictions(examples: list[Example], num_classes: int, path: Path) -> None:
-    colours = palette(num_classes)
-    fig, axes = plt.subplots(len(examples), 3, figsize=(9, 2.6 * len(examples)), squeeze=False)
-    for row, (image, label, pred) in zip(axes, examples, strict=True):
+def legend_handles(examples: Named, class_names: list[str], colours: torch.Tensor) -> list[Patch]:
+    """One swatch per class that appears in the shown labels or predictions (a legend of
+    all 150 ADE20K classes would dwarf the images), and one for ignored pixels if any."""
+    values = torch.cat(
+        [torch.cat([label.flatten(), pred.flatten()]) for _, (_, label, pred) in examples]
+    )
+    present = sorted(set(values.unique().tolist()) - {IGNORE_INDEX})
+    handles = [Patch(color=(colours[c] / 255).tolist(), label=class_names[c]) for c in present]
+    if (values == IGNORE_INDEX).any():
+        handles.append(Patch(color=(colours[-1] / 255).tolist(), label=IGNORED_NAME))
+    return handles
+
+
+def predictions_figure(examples: Named, class_names: list[str]) -> Figure:
+    """Image, ground truth and prediction of each example, one row per val image, with the
+    colour legend of the classes shown."""
+    colours = palette(len(class_names))
+    fig = Figure(figsize=(9, 2.6 * len(examples) + 1.2), layout="constrained")
+    axes = fig.subplots(len(examples), 3, squeeze=False)
+    for row, (name, (image, label, pred)) in zip(axes, examples, strict=True):
         panels = (image.permute(1, 2, 0), colourize(label, colours), colourize(pred, colours))
         for ax, panel, title in zip(
             row, panels, ("image", "ground truth", "prediction"), strict=True
         ):
             ax.imshow(panel.numpy())
-            ax.set_title(title, fontsize=9)
+            ax.set_title(f"{name}: {title}", fontsize=9)
             ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    handles = legend_handles(examples, class_names, colours)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize=8)
+    fig.suptitle(f"Linear probe predictions on {len(examples)} val images spread over the split")
+    return fig
 
 
 def evaluate_segmentation(config: EvalConfig) -> dict[str, Any]:
@@ -258,7 +270,7 @@ def segment(config: EvalConfig, ranks: Ranks) -> dict[str, Any] | None:
     segmenter = LinearSegmenter(backbone, num_classes, config.seg.n_layers).to(ranks.device)
     train = train_on_cached_features if config.seg.cache_features else train_augmented
     training = train(segmenter, train_set, config, console, ranks)
-    share_main_head(segmenter, ranks)
+    ranks.share_main_state(segmenter.head)
     matrix, examples = evaluate(segmenter, val_set, config, console, ranks)
     if not ranks.is_main:
         return None
@@ -283,9 +295,10 @@ def segment(config: EvalConfig, ranks: Ranks) -> dict[str, Any] | None:
         **run_record(config, checkpoint),
     }
     torch.save(segmenter.head.state_dict(), output_dir / HEAD_FILE)
-    plot_class_iou(names, scores.iou, output_dir / IOU_PLOT)
+    save_figure(class_iou_figure(names, scores.iou), output_dir / IOU_PLOT)
     if examples:
-        plot_predictions(examples, num_classes, output_dir / PREDICTIONS_PLOT)
+        named = [(image_name(val_set.pairs[i][0]), example) for i, example in examples]
+        save_figure(predictions_figure(named, names), output_dir / PREDICTIONS_PLOT)
     path = write_results(output_dir, results)
     console.phase(
         f"mIoU {100 * scores.miou:.2f}  pixel acc {100 * scores.pixel_accuracy:.2f}  -> {path}"

@@ -184,7 +184,7 @@ def heatmap_figure(analyses: Labelled) -> Figure:
             )
             for boundary in sorted({0.5, registers + 0.5}):
                 ax.axhline(boundary, color="white", linestyle="--", linewidth=0.8)
-            fig.colorbar(image, ax=ax, label="|x|")
+            fig.colorbar(image, ax=ax, label="|activation| (log scale)")
             ax.set_title(f"{label}: {analysis.heatmap_site}, {STAGE_TITLES[stage]}", fontsize=8)
             ax.set_xlabel("channel")
             ax.set_ylabel("token (0 = [CLS], then registers, patches)")
