@@ -47,6 +47,22 @@ def test_hf_bin_file_loads_with_weights_only(tmp_path, name):
     assert max(diffs.values()) <= TOLERANCE, diffs
 
 
+def test_sharded_checkpoint_and_in_memory_state_dict(tmp_path):
+    """`save_pretrained` with a small shard size writes an index and shards; a state dict
+    saved from memory has the layout of the installed transformers (5: `q_proj`,
+    `gate_proj`/`up_proj`)."""
+    theirs = hf_model("dinov2_reg4_swiglu")
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    torch.save(theirs.state_dict(), tmp_path / "memory.pth")
+    x = images()
+    expected = hf_outputs(theirs, x)
+    for source, num_heads in ((tmp_path / "sharded", None), (tmp_path / "memory.pth", 2)):
+        ours = load_backbone(source, num_heads=num_heads).eval()
+        diffs = max_differences(dinospec_outputs(ours, x, norm=False), expected)
+        assert max(diffs.values()) <= TOLERANCE, (source, diffs)
+
+
 @pytest.mark.parametrize("name", ["dinov2", "dinov2_reg4_swiglu"])
 def test_hf_model_specializes_on_load_with_the_same_function(tmp_path, name):
     theirs = hf_model(name)
