@@ -155,34 +155,38 @@ def _read_sharded(index: Path) -> StateDict:
 
 def _converted(tensors: StateDict, path: Path) -> Weights:
     """Recognise the layout by its keys and bring it to DINOv2's."""
-    source = str(path)
     if is_hf_layout(tensors):
         state_dict, layout = from_hf(tensors), "hf"
     elif is_timm_layout(tensors):
         state_dict, layout = from_timm(tensors), "timm"
     else:
         state_dict, layout = dict(tensors), "hub"
-    notes = _fill_mask_token(state_dict, source)
-    shapes = shapes_architecture(state_dict, source)
-    if layout == "timm":
-        # timm resizes positions to the new grid, antialiased
-        shapes = replace(shapes, interpolate_offset=0.0, interpolate_antialias=True)
-    if layout != "hf":
-        return Weights(state_dict, FileArchitecture(shapes), layout, source, notes)
-    shapes = replace(
-        shapes, interpolate_offset=0.0, interpolate_antialias=shapes.num_register_tokens > 0
+    notes = _fill_mask_token(state_dict, str(path))
+    return Weights(
+        state_dict, _file_architecture(state_dict, layout, path), layout, str(path), notes
     )
+
+
+def _file_architecture(state_dict: StateDict, layout: str, path: Path) -> FileArchitecture:
+    """The shapes' architecture with the position resizing of the library that wrote the
+    file (timm: to the new grid, antialiased; HF: to the new grid, antialiased with
+    registers) and, for HF, the head count of the `config.json` beside it, checked."""
+    shapes = shapes_architecture(state_dict, str(path))
+    if layout == "timm":
+        return FileArchitecture(replace(shapes, interpolate_offset=0.0, interpolate_antialias=True))
+    if layout != "hf":
+        return FileArchitecture(shapes)
+    registers = shapes.num_register_tokens > 0
+    shapes = replace(shapes, interpolate_offset=0.0, interpolate_antialias=registers)
     config_path = path.parent / HF_CONFIG
     if not config_path.is_file():
-        notes.append(f"{source}: no {HF_CONFIG} beside it; the head count is not known")
-        return Weights(state_dict, FileArchitecture(shapes), layout, source, notes)
+        return FileArchitecture(shapes)
     try:
         hf_config = json.loads(config_path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{config_path}: unreadable: {err}") from err
     shapes = hf_architecture(hf_config, shapes, f"{config_path} (for {path.name})")
-    arch = FileArchitecture(shapes, num_heads=shapes.num_heads)
-    return Weights(state_dict, arch, layout, source, notes)
+    return FileArchitecture(shapes, num_heads=shapes.num_heads)
 
 
 def _fill_mask_token(state_dict: StateDict, source: str) -> list[str]:
