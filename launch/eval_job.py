@@ -1,4 +1,4 @@
-"""Evaluation jobs (linear segmentation, k-NN and linear classification) as submitit runs
+"""Evaluation jobs (linear segmentation, k-NN and linear classification, linear depth) as submitit runs
 them: one process per task, each on its shard of the images, from scratch each time (an
 evaluation writes no checkpoints; a requeued one simply runs again)."""
 
@@ -10,7 +10,7 @@ from eval.config import EvalConfig
 
 
 class EvalJob:
-    """Picklable evaluation of a frozen backbone; `kind` is 'seg' or 'cls'."""
+    """Picklable evaluation of a frozen backbone; `kind` is 'seg', 'cls' or 'depth'."""
 
     def __init__(self, config: EvalConfig, kind: str) -> None:
         self.config = config
@@ -21,6 +21,10 @@ class EvalJob:
             from eval.run_seg import evaluate_segmentation
 
             return evaluate_segmentation(self.config)
+        if self.kind == "depth":
+            from eval.run_depth import evaluate_depth
+
+            return evaluate_depth(self.config)
         from eval.run_cls import evaluate_classification
 
         return evaluate_classification(self.config)

@@ -90,7 +90,7 @@ class TrainJobType:
 
 
 class EvalJobType:
-    """Evaluation of a frozen backbone (`eval.run_seg` / `eval.run_cls`), on as many
+    """Evaluation of a frozen backbone (`eval.run_seg` / `eval.run_cls` / `eval.run_depth`), on as many
     processes as the job has tasks (each takes a shard of the images)."""
 
     def __init__(self, kind: str, description: str) -> None:
@@ -144,5 +144,6 @@ JOB_TYPES: dict[str, JobType] = {
         TrainJobType(),
         EvalJobType("seg", "linear segmentation probe of a frozen backbone"),
         EvalJobType("cls", "k-NN and linear classification of a frozen backbone"),
+        EvalJobType("depth", "linear depth probe of a frozen backbone"),
     )
 }

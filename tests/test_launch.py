@@ -88,12 +88,12 @@ def test_job_type_comes_first_and_unknown_ones_are_named(capsys):
     with pytest.raises(SystemExit) as exit_info:
         split_job_type(["eval", "c.yaml"], submit.PROG)
     assert exit_info.value.code == 2
-    assert "unknown job type 'eval' (known: train, eval-seg, eval-cls)" in capsys.readouterr().err
+    assert "unknown job type 'eval' (known: train, eval-seg, eval-cls, eval-depth)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         split_job_type(["--help"], submit.PROG)
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    assert all(name in help_text for name in ("train", "eval-seg", "eval-cls"))
+    assert all(name in help_text for name in ("train", "eval-seg", "eval-cls", "eval-depth"))
 
 
 def test_overrides_and_options_may_be_intermixed():

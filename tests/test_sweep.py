@@ -136,7 +136,7 @@ def _break(spec: dict, change: str) -> None:
     elif change == "no variants":
         spec["variants"] = {}
     elif change == "unknown eval kind":
-        spec["evaluations"]["knn"]["kind"] = "depth"
+        spec["evaluations"]["knn"]["kind"] = "normals"
     elif change == "unknown sweep key":
         spec["variant"] = spec.pop("variants")
     elif change == "seed in a variant":
@@ -156,7 +156,7 @@ def _break(spec: dict, change: str) -> None:
         ("empty grid axis", ["grid.optim.base_lr", "non-empty list"]),
         ("no seeds", ["seeds", "non-empty"]),
         ("no variants", ["variants", "empty"]),
-        ("unknown eval kind", ["evaluations.knn.kind", "'depth'", "cls", "seg"]),
+        ("unknown eval kind", ["evaluations.knn.kind", "'normals'", "cls", "seg", "depth"]),
         ("unknown sweep key", ["variant:", "unknown key"]),
         ("seed in a variant", ["variants.paper", "train.seed is set by seeds"]),
         ("bad eval override", ["evaluations.knn", "cls.kss"]),

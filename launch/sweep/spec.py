@@ -40,7 +40,7 @@ TOP_LEVEL_KEYS = (
     "slurm",
 )
 EVALUATION_KEYS = ("kind", "config", "overrides", "metrics")
-EVALUATION_KINDS = ("cls", "seg")
+EVALUATION_KINDS = ("cls", "seg", "depth")
 SET_BY_SWEEP = {"train.seed": "seeds", "train.output_dir": "output_dir"}
 SET_BY_CELL = {"backbone.path": "the cell's backbone", "output_dir": "the cell's eval/<name>"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*")
@@ -342,7 +342,7 @@ def _evaluation(where: _Where, name: str, entry: Any) -> Evaluation:
         where.fail(
             f"{at}.kind",
             f"unknown evaluation kind {entry.get('kind')!r} (known: cls = k-NN and linear "
-            "classification, seg = linear segmentation; there is no depth evaluation yet)",
+            "classification, seg = linear segmentation, depth = linear depth probe)",
         )
     metrics = entry.get("metrics")
     if not isinstance(metrics, dict) or not metrics:
