@@ -1,6 +1,6 @@
-"""Evaluation jobs (linear segmentation, k-NN and linear classification, linear depth) as submitit runs
-them: one process per task, each on its shard of the images, from scratch each time (an
-evaluation writes no checkpoints; a requeued one simply runs again)."""
+"""Evaluation jobs (linear segmentation, k-NN and linear classification, linear depth) as
+submitit runs them: one process per task, each on its shard of the images, from scratch
+each time (an evaluation writes no checkpoints; a requeued one simply runs again)."""
 
 from __future__ import annotations
 

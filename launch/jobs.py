@@ -90,8 +90,8 @@ class TrainJobType:
 
 
 class EvalJobType:
-    """Evaluation of a frozen backbone (`eval.run_seg` / `eval.run_cls` / `eval.run_depth`), on as many
-    processes as the job has tasks (each takes a shard of the images)."""
+    """Evaluation of a frozen backbone (`eval.run_seg` / `eval.run_cls` / `eval.run_depth`),
+    on as many processes as the job has tasks (each takes a shard of the images)."""
 
     def __init__(self, kind: str, description: str) -> None:
         self.kind = kind
