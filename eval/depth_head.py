@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.seg_head import center_pad
+from eval.seg_head import FrozenBackbone, center_pad
 
 UPSAMPLE = 4
 LINEAR_NORM_EPS = 0.1
@@ -47,24 +47,13 @@ def probe_blocks(depth: int, n_layers: int) -> list[int]:
     return [depth * (k + 1) // n_layers - 1 for k in range(n_layers)]
 
 
-class FrozenDepthFeatures(nn.Module):
-    """[patch tokens, [CLS]] of the probed blocks, concatenated on channels (B, C, h, w).
-
-    The backbone stays in eval mode and outside autograd whatever the caller does with
-    `train()`, so training the head can neither update it nor its statistics.
-    """
+class FrozenDepthFeatures(FrozenBackbone):
+    """[patch tokens, [CLS]] of the probed blocks, concatenated on channels (B, C, h, w)."""
 
     def __init__(self, backbone: nn.Module, n_layers: int = 1) -> None:
-        super().__init__()
-        self.backbone = backbone.requires_grad_(False).eval()
+        super().__init__(backbone)
         self.blocks = probe_blocks(len(backbone.blocks), n_layers)
-        self.patch_size = int(backbone.patch_size)
         self.out_dim = 2 * int(backbone.embed_dim) * n_layers
-
-    def train(self, mode: bool = True) -> FrozenDepthFeatures:
-        super().train(mode)
-        self.backbone.eval()
-        return self
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

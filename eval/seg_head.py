@@ -30,24 +30,29 @@ def center_pad(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     return padded, (top, left)
 
 
-class FrozenPatchFeatures(nn.Module):
-    """Normalised patch tokens of the last `n_layers` blocks, concatenated on channels.
+class FrozenBackbone(nn.Module):
+    """A backbone that stays in eval mode and outside autograd whatever the caller does
+    with `train()`, so a probe's training loop cannot update it or its norm statistics.
+    Subclasses say which tokens of which blocks the probe reads."""
 
-    The backbone stays in eval mode and outside autograd whatever the caller does with
-    `train()`, so a probe's training loop cannot update it or its norm statistics.
-    """
-
-    def __init__(self, backbone: nn.Module, n_layers: int = 1) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone.requires_grad_(False).eval()
-        self.n_layers = n_layers
         self.patch_size = int(backbone.patch_size)
-        self.out_dim = int(backbone.embed_dim) * n_layers
 
-    def train(self, mode: bool = True) -> FrozenPatchFeatures:
+    def train(self, mode: bool = True) -> FrozenBackbone:
         super().train(mode)
         self.backbone.eval()
         return self
+
+
+class FrozenPatchFeatures(FrozenBackbone):
+    """Normalised patch tokens of the last `n_layers` blocks, concatenated on channels."""
+
+    def __init__(self, backbone: nn.Module, n_layers: int = 1) -> None:
+        super().__init__(backbone)
+        self.n_layers = n_layers
+        self.out_dim = int(backbone.embed_dim) * n_layers
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
