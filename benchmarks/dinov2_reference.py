@@ -24,10 +24,12 @@ each the smallest thing that lets the unchanged code run the same arithmetic:
 - `fsdp_synchronize_streams` (shares FSDP's CUDA streams after the first step) is skipped
   by setting `need_to_synchronize_fsdp_streams = False`.
 - `train.py` cannot be imported (it needs fvcore, the data loaders and the distributed
-  helpers), so `build_optimizer` and `apply_optim_scheduler` are compiled out of its file
-  unchanged, and `reference_step` is the body of `do_train`'s loop without logging and
-  checkpoints; there FSDP's `clip_grad_norm_` method becomes torch's function on each
-  student part, which computes the same norm on one process.
+  helpers), so `build_optimizer`, `build_schedulers` and `apply_optim_scheduler` are
+  compiled out of its file unchanged (and `apply_scaling_rules_to_cfg` out of
+  `dinov2/utils/config.py`, its process count the stand-in's one), and `reference_step`
+  is the body of `do_train`'s loop without logging and checkpoints; there FSDP's
+  `clip_grad_norm_` method becomes torch's function on each student part, which computes
+  the same norm on one process.
 - A model width that DINOv2 does not name (the tests' tiny ViT) is registered in
   `dinov2.models.vision_transformer` as `vit_small` is built: `DinoVisionTransformer` with
   `NestedTensorBlock` and `MemEffAttention`.
@@ -37,6 +39,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import logging
+import math
 import os
 import sys
 import warnings
@@ -66,7 +70,9 @@ class Reference:
     collate_data_and_cast: Any
     MaskingGenerator: type
     build_optimizer: Any
+    build_schedulers: Any
     apply_optim_scheduler: Any
+    apply_scaling_rules_to_cfg: Any
     vision_transformer: ModuleType
     config_dir: Path
 
@@ -125,13 +131,16 @@ def _xformers_stand_in() -> Iterator[None]:
                 sys.modules[name] = module
 
 
-def _functions_from(path: Path, names: set[str]) -> dict[str, Any]:
-    """Top-level functions of a file, compiled unchanged without running the rest of it."""
+def _functions_from(
+    path: Path, names: set[str], namespace: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Top-level functions of a file, compiled unchanged without running the rest of it;
+    `namespace` holds the names they read besides torch."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
     if {n.name for n in found} != names:
         raise RuntimeError(f"{path} lacks {sorted(names - {n.name for n in found})}")
-    namespace: dict[str, Any] = {"torch": torch}
+    namespace = {"torch": torch, **(namespace or {})}
     exec(compile(ast.Module(body=found, type_ignores=[]), str(path), "exec"), namespace)
     return {name: namespace[name] for name in names}
 
@@ -157,15 +166,26 @@ def load_reference(root: Path = DEFAULT_ROOT) -> Reference:
         from dinov2.data import MaskingGenerator, collate_data_and_cast
         from dinov2.models import vision_transformer
         from dinov2.train.ssl_meta_arch import SSLMetaArch
+        from dinov2.utils.utils import CosineScheduler
+    logger = logging.getLogger("dinov2")
     train = _functions_from(
-        root / "dinov2" / "train" / "train.py", {"build_optimizer", "apply_optim_scheduler"}
+        root / "dinov2" / "train" / "train.py",
+        {"build_optimizer", "build_schedulers", "apply_optim_scheduler"},
+        {"CosineScheduler": CosineScheduler, "logger": logger},
+    )
+    scaling = _functions_from(
+        root / "dinov2" / "utils" / "config.py",
+        {"apply_scaling_rules_to_cfg"},
+        {"math": math, "logger": logger, "distributed": SimpleNamespace(get_global_size=lambda: 1)},
     )
     return Reference(
         SSLMetaArch=SSLMetaArch,
         collate_data_and_cast=collate_data_and_cast,
         MaskingGenerator=MaskingGenerator,
         build_optimizer=train["build_optimizer"],
+        build_schedulers=train["build_schedulers"],
         apply_optim_scheduler=train["apply_optim_scheduler"],
+        apply_scaling_rules_to_cfg=scaling["apply_scaling_rules_to_cfg"],
         vision_transformer=vision_transformer,
         config_dir=root / "dinov2" / "configs",
     )
