@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dinospec.losses.gram import gram_anchoring_loss, gram_matrix, resize_patch_grid
+from dinospec.train.gram_teacher import GramTeacher
 from tests.helpers import PAPER, randomize, tiny_vit
 
 
@@ -96,3 +97,50 @@ def test_resize_patch_grid() -> None:
     assert bottom[0] > top[0]
     with pytest.raises(ValueError, match="15 patch tokens do not form a 4 x 4 grid"):
         resize_patch_grid(torch.randn(1, 15, 2), (4, 4), (2, 2))
+
+
+def test_gram_teacher_snapshot_schedule() -> None:
+    """First snapshot when the loss starts, then every `refresh_every` iterations, never
+    twice for one iteration; 0 keeps the first snapshot for good."""
+    teacher = GramTeacher(tiny_vit(), start=5, refresh_every=3)
+    assert [i for i in range(4) if teacher.due(i)] == []
+    assert teacher.due(5)
+    teacher.refresh(tiny_vit(), 5)
+    assert [i for i in range(5, 15) if teacher.due(i)] == [8, 11, 14]
+    once = GramTeacher(tiny_vit(), start=2, refresh_every=0)
+    once.refresh(tiny_vit(), 2)
+    assert not any(once.due(i) for i in range(2, 50))
+
+
+def test_gram_teacher_snapshot_is_a_copy_kept_in_the_state_dict() -> None:
+    ema_teacher = randomize(tiny_vit(PAPER), seed=0)
+    gram_teacher = GramTeacher(randomize(tiny_vit(PAPER), seed=1), start=0, refresh_every=10)
+    gram_teacher.refresh(ema_teacher, 20)
+    images = torch.randn(2, 3, 32, 32)
+    before = gram_teacher.patch_tokens(images, patch_size=8)
+    with torch.no_grad():
+        for p in ema_teacher.parameters():
+            p.add_(1.0)
+    assert torch.equal(gram_teacher.patch_tokens(images, patch_size=8), before)
+
+    resumed = GramTeacher(randomize(tiny_vit(PAPER), seed=2), start=0, refresh_every=10)
+    resumed.load_state_dict(gram_teacher.state_dict())
+    assert int(resumed.snapshot_iteration) == 20
+    assert torch.equal(resumed.patch_tokens(images, patch_size=8), before)
+
+
+def test_high_resolution_gram_teacher_gives_the_student_grid() -> None:
+    """At twice the resolution the snapshot sees an 8 x 8 grid; its features come back on
+    the student's 4 x 4 grid, without gradient."""
+    backbone = randomize(tiny_vit(), seed=0)
+    gram_teacher = GramTeacher(backbone, start=0, refresh_every=0, upscale=2.0)
+    crops = torch.randn(3, 3, 32, 32)
+    tokens = gram_teacher.patch_tokens(crops, patch_size=8)
+    assert tokens.shape == (3, 16, 32) and not tokens.requires_grad
+    same_size = GramTeacher(backbone, start=0, refresh_every=0).patch_tokens(crops, patch_size=8)
+    assert not torch.allclose(tokens, same_size)
+
+
+def test_gram_teacher_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"upscale 0\.5 >= 1"):
+        GramTeacher(tiny_vit(), start=0, refresh_every=0, upscale=0.5)
