@@ -7,8 +7,9 @@ of GPUs under SLURM: only the environment differs.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
-import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,6 +17,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from dinospec.heartbeat import peer_timeout, start_heartbeat
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,25 +36,26 @@ class DistInfo:
 
 
 def _env_from_slurm() -> dict[str, str]:
-    """torchrun-style variables derived from SLURM's, for jobs started by srun."""
-    job_id = int(os.environ["SLURM_JOB_ID"])
-    nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+    """torchrun-style variables for a task that srun started, under submitit or not. The
+    node list is expanded by submitit's SLURM job environment (SLURM's compressed syntax,
+    `gpu[003-005,010],cpu1`, has more forms than a hand-written parser ever covers); rank 0
+    runs on its first host, which therefore hosts the rendezvous store."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    job = SlurmJobEnvironment()
     return {
-        "RANK": os.environ["SLURM_PROCID"],
-        "WORLD_SIZE": os.environ["SLURM_NTASKS"],
-        "LOCAL_RANK": os.environ["SLURM_LOCALID"],
-        "MASTER_ADDR": os.environ.get("MASTER_ADDR", first_host(nodes)),
-        "MASTER_PORT": os.environ.get("MASTER_PORT", str(20000 + job_id % 20000)),
+        "RANK": str(job.global_rank),
+        "WORLD_SIZE": str(job.num_tasks),
+        "LOCAL_RANK": str(job.local_rank),
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR", job.hostnames[0]),
+        "MASTER_PORT": os.environ.get("MASTER_PORT", str(rendezvous_port(job.raw_job_id))),
     }
 
 
-def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as `gpu[003-005,010],cpu1` (-> gpu003)."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if match is None:
-        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
-    prefix, ranges = match.groups()
-    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0]
+def rendezvous_port(job_id: str) -> int:
+    """A port in 20000-39999 that every task of a job derives alike, without talking to
+    the others; a requeued job keeps its id and so its port."""
+    return 20000 + int(job_id) % 20000
 
 
 def init_distributed(device: str = "auto", need_group: bool = False) -> DistInfo:
@@ -79,7 +85,26 @@ def init_distributed(device: str = "auto", need_group: bool = False) -> DistInfo
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if dist.is_initialized():
         atexit.register(_destroy_gloo_world)
+    if world_size > 1:
+        _joined(rank, world_size)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _joined(rank: int, world_size: int) -> None:
+    """Say where this rank runs (its log records its host), and watch its peers when the
+    job may span nodes (dinospec.heartbeat; its watch stops at exit before the groups are
+    destroyed, atexit running last what it registered first)."""
+    logger.info(
+        "rank %d of %d on host %s (rendezvous %s:%s)",
+        rank,
+        world_size,
+        socket.gethostname(),
+        os.environ.get("MASTER_ADDR"),
+        os.environ.get("MASTER_PORT"),
+    )
+    timeout = peer_timeout()
+    if timeout is not None:
+        start_heartbeat(rank, world_size, timeout)
 
 
 # A gloo group left to interpreter shutdown makes its process abort ("terminate called
