@@ -10,6 +10,14 @@ set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 
+resume_if_down() {
+    # A node that came back on its own is idle (ReturnToService=2); one that did not yet
+    # register is told to.
+    case "$(sinfo -h -n "$1" -o %T)" in
+        down* | drain*) scontrol update NodeName="$1" State=RESUME ;;
+    esac
+}
+
 usage() {
     echo "usage: $0 kill|start ${NODES[*]}" >&2
     exit 2
@@ -26,7 +34,7 @@ case $1 in
         ;;
     start)
         start_node "$node"
-        scontrol update NodeName="$node" State=RESUME 2>/dev/null || true
+        resume_if_down "$node"
         log "started $node"
         ;;
     *) usage ;;
