@@ -70,6 +70,8 @@ class Heartbeat:
         shutdown could take the process down)."""
         self.done.set()
         self.thread.join(timeout=self.period + 5)
+        if self.thread.is_alive():
+            return  # stuck in a call to a store that no longer answers: do not wait again
         with contextlib.suppress(RuntimeError):
             self.store.set(f"done/{self.rank}", "1")
 
