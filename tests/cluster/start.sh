@@ -231,6 +231,18 @@ wait_for_node() {
     exit 1
 }
 
+check_nodes_reach_each_other() {
+    # Node-to-node traffic crosses the bridge, where a firewall on bridged packets (Docker's
+    # br_netfilter with a FORWARD policy of DROP) would stop it while the controller still
+    # reaches both nodes: then the nodes' ranks could never meet.
+    local from=${NODES[0]} to=${NODES[1]}
+    if ! nsenter --net="/run/netns/$from" -- timeout 5 \
+        bash -c "exec 3<>/dev/tcp/$(node_addr "$to")/6818" 2>/dev/null; then
+        fail "$from cannot reach $to's slurmd at $(node_addr "$to"):6818 across $BRIDGE" \
+            "(a firewall on bridged traffic? see iptables -L FORWARD, br_netfilter)"
+    fi
+}
+
 main() {
     require_root
     install_packages
@@ -248,6 +260,7 @@ main() {
     write_config
     start_daemons
     wait_for_nodes
+    check_nodes_reach_each_other
     log "up in ${SECONDS} s: node $HOST (partitions debug, default and preemptible, and" \
         "urgent) and nodes ${NODES[*]} on $SUBNET.0/24 (partitions multi, preemptible, and" \
         "multi-urgent), $(sinfo -h -n "$HOST" -o %c) CPUs each; state in $STATE_DIR"
