@@ -244,6 +244,8 @@ check_nodes_reach_each_other() {
 }
 
 main() {
+    local started
+    started=$(date +%s%N)
     require_root
     install_packages
     check_namespaces
@@ -261,7 +263,7 @@ main() {
     start_daemons
     wait_for_nodes
     check_nodes_reach_each_other
-    log "up in ${SECONDS} s: node $HOST (partitions debug, default and preemptible, and" \
+    log "up in $((($(date +%s%N) - started) / 1000000)) ms: node $HOST (partitions debug, default and preemptible, and" \
         "urgent) and nodes ${NODES[*]} on $SUBNET.0/24 (partitions multi, preemptible, and" \
         "multi-urgent), $(sinfo -h -n "$HOST" -o %c) CPUs each; state in $STATE_DIR"
 }
