@@ -76,7 +76,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from dinospec.config import Config, load_config
-from dinospec.data.collate import masks_weight
+from dinospec.losses.ibot import masked_patch_weights
 from dinospec.models.convert import fill_prefix_path
 from dinospec.train.data import to_device
 from dinospec.train.loop import Trainer, schedules_for
@@ -216,7 +216,7 @@ def dinospec_layout(collated: dict[str, Any]) -> dict[str, Any]:
     per-patch mask weights; checked rather than assumed."""
     if set(collated) != set(BATCH_KEYS):
         raise SystemExit(f"DINOv2's batch keys {sorted(collated)} are not {sorted(BATCH_KEYS)}")
-    if not torch.equal(collated["masks_weight"], masks_weight(collated["collated_masks"])):
+    if not torch.equal(collated["masks_weight"], masked_patch_weights(collated["collated_masks"])):
         raise SystemExit("DINOv2's masks_weight differs from dinospec's for the same masks")
     return dict(collated)
 

@@ -64,3 +64,39 @@ def dinov2(module: str) -> ModuleType:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return importlib.import_module(module)
+
+
+def collate_like_dinov2(
+    samples: list,
+    *,
+    mask_generator,
+    mask_ratio_tuple: tuple[float, float] = (0.1, 0.5),
+    mask_probability: float = 0.5,
+    dtype: torch.dtype = torch.float32,
+    rng=None,
+) -> dict:
+    """DINOv2's `collate_data_and_cast` assembled from the pieces dinospec's training
+    collator uses (crop stacks, per-rank mask counts, patch weights), with one numpy
+    Generator for every draw, so the tests can hold those pieces against DINOv2's."""
+    import numpy as np
+
+    from dinospec.data.collate import rank_mask_counts, stack_crops
+    from dinospec.losses.ibot import masked_patch_weights
+
+    if rng is None:
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+    global_crops = stack_crops(samples, "global_crops")
+    n_tokens = mask_generator.num_patches
+    counts = rank_mask_counts(
+        global_crops.shape[0], mask_probability, mask_ratio_tuple, n_tokens, rng
+    )
+    masks = torch.from_numpy(np.stack([mask_generator(int(c), rng) for c in counts])).flatten(1)
+    indices = masks.flatten().nonzero().flatten()
+    return {
+        "collated_global_crops": global_crops.to(dtype),
+        "collated_local_crops": stack_crops(samples, "local_crops").to(dtype),
+        "collated_masks": masks,
+        "mask_indices_list": indices,
+        "masks_weight": masked_patch_weights(masks),
+        "n_masked_patches": torch.tensor([indices.numel()]),
+    }

@@ -1,6 +1,5 @@
 """Data for self-supervised training: datasets, multi-crop views, iBOT masks, batches."""
 
-from dinospec.data.collate import collate_data_and_cast
 from dinospec.data.datasets import (
     NO_LABEL,
     ImageList,
@@ -26,5 +25,4 @@ __all__ = [
     "SegmentationView",
     "SyntheticScenes",
     "TooManyBadImagesError",
-    "collate_data_and_cast",
 ]

@@ -18,12 +18,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinospec.config import Config, ConfigError, data_path_problems
-from dinospec.data.collate import masks_weight, rank_mask_counts, stack_crops
+from dinospec.data.collate import rank_mask_counts, stack_crops
 from dinospec.data.datasets import ImageList, ImageNetFolder, ImageTree, load_rgb_tensor
 from dinospec.data.masking import MaskingGenerator
 from dinospec.data.samplers import InfiniteDistributedSampler
 from dinospec.data.synthetic import SyntheticScenes
 from dinospec.data.transforms import MultiCropAugmentation, standardize_uint8
+from dinospec.losses.ibot import masked_patch_weights
 from dinospec.train.signals import ignore_stop_signals
 
 CROP_KEYS = ("collated_global_crops", "collated_local_crops")
@@ -114,12 +115,12 @@ class StepCollator:
         images sit at `rows` of the global batch."""
         if self.per_rank:
             rng = np.random.default_rng([self.seed, step, 0, self.rank])
-            counts, _ = rank_mask_counts(
+            counts = rank_mask_counts(
                 2 * len(rows), self.probability, self.ratios, self.n_tokens, rng
             )
             return counts.tolist()
         rng = np.random.default_rng([self.seed, step, 0])
-        counts, _ = rank_mask_counts(
+        counts = rank_mask_counts(
             2 * self.global_batch, self.probability, self.ratios, self.n_tokens, rng
         )
         return [int(counts[c * self.global_batch + r]) for c in range(2) for r in rows]
@@ -144,8 +145,7 @@ class StepCollator:
             "collated_local_crops": stack_crops(samples, "local_crops"),
             "collated_masks": masks,
             "mask_indices_list": indices,
-            "masks_weight": masks_weight(masks),
-            "n_masked_patches": torch.tensor([indices.numel()]),
+            "masks_weight": masked_patch_weights(masks),
         }
 
 
