@@ -20,7 +20,7 @@ from torch import Tensor
 
 from dinospec.config import ModelConfig, SpecializeConfig, resolve_blocks
 from dinospec.models.errors import CheckpointError
-from dinospec.models.specialize import BLOCK_SUBLAYERS
+from dinospec.models.specialize import BLOCK_SUBLAYERS, SpecializationPlan
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +236,18 @@ def _dropped_specialization(shapes: ModelConfig, config: ModelConfig) -> list[st
     if shapes.specialize.final_norm and not config.specialize.final_norm:
         problems.append("model.specialize.final_norm: the file specializes it, the config not")
     return problems
+
+
+def refuse_unless_plain_vit(config: ModelConfig, library: str, model: str) -> None:
+    """timm's and Hugging Face's DINOv2 ViTs (`model`, in `library`) have one set of weights
+    for all tokens and always have biases after the attention and in the FFN; a backbone
+    without them has no equivalent there, which an export must say before writing."""
+    if not SpecializationPlan.build(config.specialize, config.depth).is_vanilla:
+        raise CheckpointError(
+            f"a specialized backbone has no {library} equivalent ({model} has one set of "
+            "weights for all tokens); export it as safetensors or hub (dinospec reads "
+            "both), or export a vanilla model"
+        )
+    missing = [k for k in ("proj_bias", "ffn_bias") if not getattr(config, k)]
+    if missing:
+        raise CheckpointError(f"{model} always has biases; this model lacks {missing}")

@@ -19,9 +19,8 @@ import torch
 from torch import Tensor
 
 from dinospec.config import ModelConfig
-from dinospec.models.architecture import ffn_hidden
+from dinospec.models.architecture import ffn_hidden, refuse_unless_plain_vit
 from dinospec.models.errors import CheckpointError
-from dinospec.models.specialize import SpecializationPlan
 
 StateDict = dict[str, Tensor]
 
@@ -205,15 +204,7 @@ def to_hf(state_dict: Mapping[str, Tensor], config: ModelConfig) -> tuple[StateD
 def refuse_unless_hf_compatible(config: ModelConfig) -> None:
     """HF's DINOv2 has one set of weights for all tokens and biases after the attention
     and in the FFN."""
-    if not SpecializationPlan.build(config.specialize, config.depth).is_vanilla:
-        raise CheckpointError(
-            "a specialized backbone has no Hugging Face equivalent (Dinov2Model has one set "
-            "of weights for all tokens); export it as safetensors or hub (dinospec reads "
-            "both), or export a vanilla model"
-        )
-    missing = [k for k in ("proj_bias", "ffn_bias") if not getattr(config, k)]
-    if missing:
-        raise CheckpointError(f"HF's Dinov2Model always has biases; this model lacks {missing}")
+    refuse_unless_plain_vit(config, "Hugging Face", "HF's Dinov2Model")
     if config.mlp_ratio != int(config.mlp_ratio):
         raise CheckpointError(
             f"mlp_ratio={config.mlp_ratio}: HF's Dinov2Config takes a whole number (transformers 5)"

@@ -18,9 +18,7 @@ import torch
 from torch import Tensor
 
 from dinospec.config import ModelConfig
-from dinospec.models.architecture import ffn_hidden
-from dinospec.models.errors import CheckpointError
-from dinospec.models.specialize import SpecializationPlan
+from dinospec.models.architecture import ffn_hidden, refuse_unless_plain_vit
 
 StateDict = dict[str, Tensor]
 
@@ -65,7 +63,7 @@ def from_timm(state_dict: Mapping[str, Tensor]) -> StateDict:
 
 def to_timm(state_dict: Mapping[str, Tensor], config: ModelConfig) -> StateDict:
     """timm's keys and layout for a vanilla dinospec backbone (see `timm_model_args`)."""
-    refuse_unless_timm_compatible(config)
+    refuse_unless_plain_vit(config, "timm", "timm's DINOv2 ViT")
     out = {k: v for k, v in state_dict.items() if k != "mask_token"}
     if config.num_register_tokens:
         out[REG_TOKEN] = out.pop("register_tokens")
@@ -77,20 +75,6 @@ def to_timm(state_dict: Mapping[str, Tensor], config: ModelConfig) -> StateDict:
             new = key.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
             out[new] = out.pop(key)
     return out
-
-
-def refuse_unless_timm_compatible(config: ModelConfig) -> None:
-    """timm's ViT has one set of weights for all tokens and always has biases after the
-    attention and in the FFN; anything else has no timm equivalent."""
-    if not SpecializationPlan.build(config.specialize, config.depth).is_vanilla:
-        raise CheckpointError(
-            "a specialized backbone has no timm equivalent (timm's ViT has one set of "
-            "weights for all tokens); export it as safetensors or hub (dinospec reads "
-            "both), or export a vanilla model"
-        )
-    missing = [k for k in ("proj_bias", "ffn_bias") if not getattr(config, k)]
-    if missing:
-        raise CheckpointError(f"timm's DINOv2 ViT always has biases; this model lacks {missing}")
 
 
 def timm_model_args(config: ModelConfig) -> dict[str, Any]:
