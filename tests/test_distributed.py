@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -27,6 +28,7 @@ def _rank_that_leaves_its_groups(rank: int, port: int) -> None:
     assert value.item() == 4
 
 
+@pytest.mark.slow
 def test_ranks_exit_cleanly_after_their_last_collective() -> None:
     for _ in range(RUNS):
         mp.spawn(_rank_that_leaves_its_groups, args=(free_port(),), nprocs=2)
