@@ -12,7 +12,7 @@ from dinospec.analysis.cli import register as register_analysis
 from dinospec.config import ConfigError, load_config, load_model_config
 from dinospec.models.checkpoints import CheckpointError
 from dinospec.models.export_formats import EXPORT_FORMATS
-from dinospec.train.runlock import RunDirLocked
+from dinospec.run.lock import RunDirLocked
 from dinospec.train.signals import Interrupted
 
 PLUGIN_GROUP = "dinospec.commands"
@@ -47,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> None:
     from dinospec.models.checkpoints import load_backbone
     from dinospec.models.export_formats import DEFAULT_NAMES, export_backbone
-    from dinospec.train.exports import backbone_file
+    from dinospec.run.exports import backbone_file
 
     path = backbone_file(args.source)
     config = load_model_config(args.model_config) if args.model_config else None

@@ -25,16 +25,16 @@ from dinospec.data.synthetic import SyntheticScenes
 from dinospec.data.transforms import normalize
 from dinospec.models import build_backbone
 from dinospec.models.checkpoints import load_backbone
+from dinospec.run.layout import RunDir
 from dinospec.train.loop import train
+from eval.config import SegSettings
 from eval.knn import knn_accuracy
-from eval.seg_probe import SegProbeConfig, linear_probe_segmentation
+from eval.seg_probe import linear_probe_segmentation
 
 PROBE_TRAIN_SEED, PROBE_VAL_SEED = 1001, 1002
 
 
-def probe_both(
-    config: Config, run_dir: Path, probe: SegProbeConfig, n_train: int, n_val: int
-) -> dict:
+def probe_both(config: Config, run_dir: Path, probe: SegSettings, n_train: int, n_val: int) -> dict:
     """mIoU of the probe on the trained teacher backbone and on the initial weights
     (rebuilt from the training seed, so exactly the student the run started from).
     The probe images come from other seeds than the pretraining images."""
@@ -44,7 +44,7 @@ def probe_both(
     torch.manual_seed(config.train.seed)
     backbones = {
         "random_init": build_backbone(config.model),
-        "trained": load_backbone(run_dir / "teacher_backbone.safetensors"),
+        "trained": load_backbone(RunDir(run_dir).export(".safetensors")),
     }
     device = torch.device("cpu")
     return {
@@ -76,7 +76,7 @@ def knn_top1(backbone: torch.nn.Module, config: Config, n_train: int, n_val: int
 
 
 def plot_training_curves(run_dir: Path) -> Path:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
     steps = [r["iteration"] for r in records]
     fig, (losses, monitor) = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted(k for k in records[0] if k.startswith("loss")):
@@ -97,7 +97,7 @@ def plot_training_curves(run_dir: Path) -> Path:
 
 
 def run_quickstart(
-    config: Config, probe: SegProbeConfig, n_train: int, n_val: int
+    config: Config, probe: SegSettings, n_train: int, n_val: int
 ) -> tuple[Path, dict]:
     """Pretrain, then probe the trained and the initial backbone; writes
     `probe_results.json` and the training curves into the run directory."""
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probe-val-images", type=int, default=256)
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    probe = SegProbeConfig(
+    probe = SegSettings(
         iterations=args.probe_iterations,
         batch_size=16,
         lr=args.probe_lr,
@@ -139,9 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  {name:<12} mIoU {100 * s['miou']:5.1f}   pixel acc {100 * s['pixel_accuracy']:5.1f}"
             f"   (20-NN top-1 on image labels, [CLS]: {100 * s['knn20_top1']:5.1f})"
         )
-    print(f"\ncheckpoints:     {run_dir / 'checkpoints'}")
-    print(f"teacher export:  {run_dir / 'teacher_backbone.safetensors'} (and .pth)")
-    print(f"metrics:         {run_dir / 'metrics.jsonl'}")
+    layout = RunDir(run_dir)
+    print(f"\ncheckpoints:     {layout.checkpoints}")
+    print(f"teacher export:  {layout.export('.safetensors')} (and .pth)")
+    print(f"metrics:         {layout.metrics}")
     print(f"plots:           {run_dir / 'training_curves.png'}")
     print(f"probe results:   {run_dir / 'probe_results.json'}")
     return 0

@@ -34,10 +34,8 @@ from eval.metrics import confusion_matrix, topk_accuracy
 from eval.runner import (
     Console,
     json_safe,
-    load_frozen_backbone,
-    require_depth,
     run_record,
-    seeded_generator,
+    start_job,
     write_results,
 )
 from eval.seg_data import read_class_names
@@ -199,15 +197,10 @@ def evaluate_classification(config: EvalConfig) -> dict[str, Any]:
 
 def classify(config: EvalConfig, ranks: Ranks) -> dict[str, Any] | None:
     """This rank's part of the job: the results on rank 0, None on the others."""
-    console = Console("eval-cls", quiet=not ranks.is_main)
     s = config.cls
-    output_dir = Path(config.output_dir)
-    if ranks.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    seeded_generator(config.seed)
-    backbone, checkpoint = load_frozen_backbone(config.backbone, ranks.device)
-    console.phase(f"backbone {checkpoint}")
-    require_depth(backbone, "cls.n_last_blocks", s.n_last_blocks)
+    console, output_dir, backbone, checkpoint = start_job(
+        "eval-cls", config, ranks, "cls.n_last_blocks", s.n_last_blocks
+    )
     train_set, val_set, names = class_folder_sets(config.dataset, s)
     console.phase(
         f"data: {len(train_set)} train / {len(val_set)} val images, {len(names)} classes, "

@@ -17,7 +17,6 @@ so the results are those of one process.
 from __future__ import annotations
 
 from operator import itemgetter
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -35,10 +34,8 @@ from eval.depth_probe import train_depth_head
 from eval.runner import (
     Console,
     json_safe,
-    load_frozen_backbone,
-    require_depth,
     run_record,
-    seeded_generator,
+    start_job,
     write_results,
 )
 from eval.seg_transforms import normalize
@@ -150,17 +147,10 @@ def evaluate_depth(config: EvalConfig) -> dict[str, Any]:
 
 def estimate_depth(config: EvalConfig, ranks: Ranks) -> dict[str, Any] | None:
     """This rank's part of the job: the results on rank 0, None on the others."""
-    console = Console("eval-depth", quiet=not ranks.is_main)
-    output_dir = Path(config.output_dir)
-    if ranks.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    seeded_generator(config.seed)
     d = config.depth
-    backbone, checkpoint = load_frozen_backbone(config.backbone, ranks.device)
-    console.phase(
-        f"backbone {checkpoint} ({sum(p.numel() for p in backbone.parameters()):,} params)"
+    console, output_dir, backbone, checkpoint = start_job(
+        "eval-depth", config, ranks, "depth.n_layers", d.n_layers
     )
-    require_depth(backbone, "depth.n_layers", d.n_layers)
     train_set, val_set = depth_datasets(config.dataset)
     console.phase(
         f"data: {len(train_set)} train / {len(val_set)} val images, {ranks.world_size} process(es)"

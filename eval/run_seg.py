@@ -16,7 +16,6 @@ and the scores are those of one process.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,16 +29,14 @@ from eval.metrics import IGNORE_INDEX, ConfusionMatrix, scores_from_confusion
 from eval.runner import (
     Console,
     json_safe,
-    load_frozen_backbone,
-    require_depth,
     run_record,
-    seeded_generator,
+    start_job,
     write_results,
 )
 from eval.seg_augmented import train_augmented
 from eval.seg_data import SegmentationDataset, ade20k, camvid, folder_pairs
 from eval.seg_head import MS_SCALES, LinearSegmenter, predict_probabilities
-from eval.seg_probe import extract_features, probe_config, train_head
+from eval.seg_probe import extract_features, train_head
 from eval.seg_transforms import (
     SegTestTransform,
     normalize,
@@ -134,7 +131,7 @@ def train_on_cached_features(
     labels = ranks.gather_to_main(labels, len(train_set))
     if features is not None and labels is not None:
         console.phase(f"training the head on cached features for {s.iterations} iterations")
-        head = train_head(features, labels, segmenter.num_classes, probe_config(s, config.seed))
+        head = train_head(features, labels, segmenter.num_classes, s, config.seed)
         segmenter.head.load_state_dict(head.state_dict())
     return {"mode": "cached_features", "augmentation": "none (centre crop)"}
 
@@ -251,16 +248,9 @@ def evaluate_segmentation(config: EvalConfig) -> dict[str, Any]:
 
 def segment(config: EvalConfig, ranks: Ranks) -> dict[str, Any] | None:
     """This rank's part of the job: the results on rank 0, None on the others."""
-    console = Console("eval-seg", quiet=not ranks.is_main)
-    output_dir = Path(config.output_dir)
-    if ranks.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    seeded_generator(config.seed)
-    backbone, checkpoint = load_frozen_backbone(config.backbone, ranks.device)
-    console.phase(
-        f"backbone {checkpoint} ({sum(p.numel() for p in backbone.parameters()):,} params)"
+    console, output_dir, backbone, checkpoint = start_job(
+        "eval-seg", config, ranks, "seg.n_layers", config.seg.n_layers
     )
-    require_depth(backbone, "seg.n_layers", config.seg.n_layers)
     train_set, val_set = segmentation_datasets(config.dataset)
     num_classes = train_set.num_classes
     console.phase(

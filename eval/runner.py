@@ -1,5 +1,5 @@
-"""What every evaluation job shares: the frozen backbone, the record of what was evaluated,
-console output and the results file.
+"""What every evaluation job shares: its opening (console, output directory, seed, frozen
+backbone), the record of what was evaluated and the results file.
 
 A results file must let someone tell, months later, exactly which weights and settings
 produced a number, so it carries the whole config, the checkpoint's sha256 and the date.
@@ -7,7 +7,6 @@ produced a number, so it carries the whole config, the checkpoint's sha256 and t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -15,56 +14,63 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from tqdm import tqdm
 
 from dinospec.config import ConfigError, load_model_config
-from dinospec.models.checkpoints import load_backbone
 from dinospec.models.vit import DinoVisionTransformer
-from dinospec.train.exports import backbone_file
-from eval.config import BackboneSource, EvalConfig
+from dinospec.run.exports import load_frozen_backbone
+from dinospec.train.checkpoint import file_digest
+from eval.config import EvalConfig
+from eval.sharding import Ranks
 
 RESULTS_FILE = "results.json"
-HASH_CHUNK = 1 << 20
 
 Item = TypeVar("Item")
 
 
-def load_frozen_backbone(
-    source: BackboneSource, device: torch.device
-) -> tuple[DinoVisionTransformer, Path]:
-    """The backbone in eval mode without gradients, and the weight file it came from.
+class JobStart(NamedTuple):
+    """What an evaluation has once it is under way: its console, where it writes, the
+    frozen backbone and the weight file that backbone came from."""
 
-    A checkpoint that does not fit `model_config` raises CheckpointError naming both.
-    """
-    path = backbone_file(source.path)
+    console: Console
+    output_dir: Path
+    backbone: DinoVisionTransformer
+    checkpoint: Path
+
+
+def start_job(
+    task: str, config: EvalConfig, ranks: Ranks, blocks_key: str, n_blocks: int
+) -> JobStart:
+    """The opening every evaluation shares: a console quiet on all ranks but 0, the output
+    directory, the seed, and the backbone, checked to have the `n_blocks` blocks the task
+    reads (`blocks_key` names the setting) before any data is touched. A checkpoint that
+    does not fit `backbone.model_config` raises CheckpointError naming both."""
+    console = Console(task, quiet=not ranks.is_main)
+    output_dir = Path(config.output_dir)
+    if ranks.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    seeded_generator(config.seed)
+    source = config.backbone
     model_config = load_model_config(source.model_config) if source.model_config else None
-    model = load_backbone(path, model_config, source.num_heads, heads_key="backbone.num_heads")
-    return model.requires_grad_(False).eval().to(device), path
-
-
-def require_depth(backbone: DinoVisionTransformer, key: str, n_blocks: int) -> None:
-    """Fail before any work when the config asks for more blocks than the backbone has."""
+    backbone, checkpoint = load_frozen_backbone(
+        source.path, ranks.device, model_config, source.num_heads, "backbone.num_heads"
+    )
+    params = sum(p.numel() for p in backbone.parameters())
+    console.phase(f"backbone {checkpoint} ({params:,} params)")
     depth = len(backbone.blocks)
     if n_blocks > depth:
-        raise ConfigError(f"{key}={n_blocks}: the backbone has only {depth} blocks")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        raise ConfigError(f"{blocks_key}={n_blocks}: the backbone has only {depth} blocks")
+    return JobStart(console, output_dir, backbone, checkpoint)
 
 
 def run_record(config: EvalConfig, checkpoint: Path) -> dict[str, Any]:
     """Which config and which weights (by content, not only by name) gave the results."""
     return {
         "config": asdict(config),
-        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)},
+        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": file_digest(checkpoint)},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }

@@ -29,7 +29,7 @@ from eval.metrics import IGNORE_INDEX, sum_across_ranks
 from eval.runner import Console
 from eval.seg_data import PairTransform, SegmentationDataset
 from eval.seg_head import LinearSegmenter
-from eval.seg_probe import probe_config, probe_optimizer
+from eval.seg_probe import probe_optimizer
 from eval.seg_transforms import SegTrainTransform
 from eval.sharding import Ranks
 
@@ -125,9 +125,7 @@ def train_augmented(
         num_workers=config.dataset.num_workers,
     )
     segmenter.head.bn = GlobalBatchNorm2d.replacing(segmenter.head.bn)
-    optimizer, scheduler = probe_optimizer(
-        segmenter.head.parameters(), probe_config(s, config.seed)
-    )
+    optimizer, scheduler = probe_optimizer(segmenter.head.parameters(), s)
     console.phase(f"training the head on augmented crops for {s.iterations} iterations")
     segmenter.train()
     batches = iter(loader)

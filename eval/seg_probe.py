@@ -10,43 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from eval.config import SegSettings
 from eval.metrics import IGNORE_INDEX, ConfusionMatrix, SegmentationScores
 from eval.seg_head import FrozenPatchFeatures, LinearHead
-
-if TYPE_CHECKING:
-    from eval.config import SegSettings
-
-
-@dataclass(frozen=True)
-class SegProbeConfig:
-    iterations: int = 40_000
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-3
-    warmup_iterations: int = 1500
-    n_layers: int = 1
-    seed: int = 0
-
-
-def probe_config(s: SegSettings, seed: int) -> SegProbeConfig:
-    """The training recipe part of an evaluation config's `seg` section."""
-    return SegProbeConfig(
-        iterations=s.iterations,
-        batch_size=s.batch_size,
-        lr=s.lr,
-        weight_decay=s.weight_decay,
-        warmup_iterations=s.warmup_iterations,
-        n_layers=s.n_layers,
-        seed=seed,
-    )
 
 
 @torch.no_grad()
@@ -62,7 +34,7 @@ def extract_features(
     return torch.cat(features), torch.cat(labels)
 
 
-def _lr_factor(iteration: int, config: SegProbeConfig) -> float:
+def _lr_factor(iteration: int, config: SegSettings) -> float:
     if iteration < config.warmup_iterations:
         return (iteration + 1) / config.warmup_iterations
     progress = (iteration - config.warmup_iterations) / max(
@@ -72,7 +44,7 @@ def _lr_factor(iteration: int, config: SegProbeConfig) -> float:
 
 
 def probe_optimizer(
-    parameters: Iterable[nn.Parameter], config: SegProbeConfig
+    parameters: Iterable[nn.Parameter], config: SegSettings
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW with linear warm-up then cosine, stepped once per iteration (SPEC section 5);
     shared by the cached-feature and the augmented training of the head."""
@@ -86,11 +58,11 @@ def _logits(head: LinearHead, features: Tensor, size: tuple[int, int]) -> Tensor
 
 
 def train_head(
-    features: Tensor, labels: Tensor, num_classes: int, config: SegProbeConfig
+    features: Tensor, labels: Tensor, num_classes: int, config: SegSettings, seed: int
 ) -> LinearHead:
     """Fit the linear head on cached features with random mini-batches."""
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     head = LinearHead(features.shape[1], num_classes)
     optimizer, scheduler = probe_optimizer(head.parameters(), config)
     head.train()
@@ -122,11 +94,13 @@ def linear_probe_segmentation(
     train_set: Dataset,
     val_set: Dataset,
     num_classes: int,
-    config: SegProbeConfig,
+    config: SegSettings,
     device: torch.device,
+    seed: int = 0,
 ) -> SegmentationScores:
-    """mIoU and friends of a linear probe trained on `train_set`, measured on `val_set`."""
+    """mIoU and friends of a linear probe trained on `train_set`, measured on `val_set`
+    (the training recipe of `config`: iterations, batch, lr, weight decay, warm-up)."""
     train_features, train_labels = extract_features(backbone, train_set, config.n_layers, device)
     val_features, val_labels = extract_features(backbone, val_set, config.n_layers, device)
-    head = train_head(train_features, train_labels, num_classes, config)
+    head = train_head(train_features, train_labels, num_classes, config, seed)
     return evaluate_head(head, val_features, val_labels, num_classes)

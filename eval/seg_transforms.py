@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dinospec.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from eval.metrics import IGNORE_INDEX
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LONG_SIDE_FACTOR = 4
 CROP_ATTEMPTS = 10
 

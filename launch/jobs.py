@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dinospec.config import Config, config_to_yaml, data_path_problems, load_config
+from dinospec.run.layout import RunDir
 from dinospec.train.checkpoint import list_checkpoints, newest_plausible
 
 
@@ -71,7 +72,7 @@ class TrainJobType:
         return config_to_yaml(config)
 
     def progress(self, output_dir: Path) -> str | None:
-        root = output_dir / "checkpoints"
+        root = RunDir(output_dir).checkpoints
         newest = newest_plausible(root)
         if newest is not None:
             return f"the newest checkpoint, {newest.name} (verified when the job starts)"

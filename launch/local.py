@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 from dinospec.config import ConfigError
 from dinospec.models.checkpoints import CheckpointError
-from dinospec.train.runlock import RunDirLocked, lock_run_dir
+from dinospec.run.lock import RunDirLocked, lock_run_dir
 from dinospec.train.signals import ACTIONS
 from launch.cli import LaunchError, job_parser, load_checked, split_job_type
 from launch.jobs import JobType

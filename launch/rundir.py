@@ -9,14 +9,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-JOB_FILE = "job.json"
-CONFIG_FILE = "config.yaml"
-LOG_DIR = "submitit"
+from dinospec.run.layout import RunDir
 
 
 def read_job_file(output_dir: Path) -> dict[str, Any]:
     """The submissions recorded so far (an empty record for a new directory)."""
-    path = output_dir / JOB_FILE
+    path = RunDir(output_dir).jobs
     if not path.is_file():
         return {"job_type": None, "job_ids": [], "submissions": []}
     return json.loads(path.read_text())
@@ -31,8 +29,8 @@ def record_submission(output_dir: Path, job_type: str, submission: dict[str, Any
     record["submissions"].append({**entry, **submission})
     if submission.get("job_id") is not None:
         record["job_ids"].append(str(submission["job_id"]))
-    path = output_dir / JOB_FILE
-    tmp = path.with_name(f".{JOB_FILE}.{os.getpid()}")
+    path = RunDir(output_dir).jobs
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, path)
     return path
@@ -42,13 +40,13 @@ def resume_message(output_dir: Path, progress: str | None) -> str:
     """What a submission into `output_dir` will do, in words, for the console."""
     if progress is not None:
         return f"resuming the run in {output_dir} from {progress}"
-    if (output_dir / JOB_FILE).is_file():
+    if RunDir(output_dir).jobs.is_file():
         return f"re-submitting into {output_dir}: no checkpoint yet, the run starts at iteration 0"
     return f"starting a new run in {output_dir}"
 
 
 def write_config(output_dir: Path, text: str) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / CONFIG_FILE
+    path = RunDir(output_dir).config
     path.write_text(text)
     return path

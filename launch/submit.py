@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dinospec.train.runlock import holder, locked_message
+from dinospec.run.layout import RunDir
+from dinospec.run.lock import holder, locked_message
 from launch.cli import LaunchError, job_parser, load_checked, split_job_type
 from launch.jobs import JobType
-from launch.rundir import LOG_DIR, read_job_file, record_submission, resume_message, write_config
+from launch.rundir import read_job_file, record_submission, resume_message, write_config
 
 PROG = "python -m launch.submit"
 SLURM_OPTIONS = ("partition", "account", "qos", "constraint", "exclude", "comment")
@@ -168,7 +169,7 @@ def submit(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> str:
             f"job(s) {', '.join(running)} still queued or running in {output_dir}; "
             "two jobs must not train into one directory (scancel it, or wait)"
         )
-    executor = make_executor(output_dir / LOG_DIR, parameters, args.max_timeouts)
+    executor = make_executor(RunDir(output_dir).submitit_logs, parameters, args.max_timeouts)
     print(resume_message(output_dir, job.progress(output_dir)), flush=True)
     write_config(output_dir, job.config_text(config))
     submitted = executor.submit(job.job(config))
@@ -177,7 +178,7 @@ def submit(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> str:
         job.name,
         {"job_id": submitted.job_id, "command": [PROG, *argv], "executor": parameters},
     )
-    logs = output_dir / LOG_DIR / f"{submitted.job_id}_0_log.out"
+    logs = RunDir(output_dir).submitit_logs / f"{submitted.job_id}_0_log.out"
     print(
         f"submitted job {submitted.job_id} ({args.nodes} node(s) x {parameters['tasks_per_node']}"
         f" task(s)); rank 0 log: {logs}",
@@ -246,7 +247,7 @@ def submit_sweep(job: JobType, args: argparse.Namespace, argv: Sequence[str]) ->
     ]
     if busy:
         raise LaunchError(f"job(s) {', '.join(busy)} still queued or running in this sweep")
-    executor = make_executor(base / LOG_DIR, parameters, args.max_timeouts)
+    executor = make_executor(RunDir(base).submitit_logs, parameters, args.max_timeouts)
     for config in configs:
         write_config(job.output_dir(config), job.config_text(config))
     with executor.batch():

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from dinospec.config import Config
+from dinospec.run.lock import lock_for_ranks
 from dinospec.train.loop import Trainer
-from dinospec.train.runlock import lock_for_ranks
 from dinospec.train.signals import Interrupted, StopRequest
 from launch.preemption import requeue_handler
 

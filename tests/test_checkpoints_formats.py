@@ -10,13 +10,11 @@ import torch
 from helpers import PAPER, randomize, tiny_vit
 from library_models import hf_model, save_hf_bin
 
-from dinospec.analysis.cli import load_frozen
 from dinospec.cli import main
 from dinospec.config import ModelConfig
 from dinospec.models.architecture import UNKNOWN_HEADS, FileArchitecture, with_heads
 from dinospec.models.checkpoints import CheckpointError, load_backbone, save_backbone
-from eval.config import BackboneSource
-from eval.runner import load_frozen_backbone
+from dinospec.run.exports import load_frozen_backbone
 
 
 @pytest.fixture
@@ -31,9 +29,9 @@ def test_head_count_not_in_the_file_is_an_error_naming_the_setting(hub_file):
     with pytest.raises(CheckpointError, match=r"attention heads is not recorded.*set num_heads"):
         load_backbone(hub_file)
     with pytest.raises(CheckpointError, match=r"tiny\.pth.*set backbone\.num_heads"):
-        load_frozen_backbone(BackboneSource(path=str(hub_file)), torch.device("cpu"))
+        load_frozen_backbone(hub_file, "cpu", heads_key="backbone.num_heads")
     with pytest.raises(CheckpointError, match="set --num-heads"):
-        load_frozen(hub_file, None, "cpu")
+        load_frozen_backbone(hub_file, "cpu")
     assert load_backbone(hub_file, num_heads=4).num_heads == 4
 
 
@@ -80,9 +78,7 @@ def test_truncated_hf_bin_names_the_file(tmp_path):
 
 def test_evaluation_reads_an_hf_directory_and_records_its_weight_file(tmp_path):
     hf_model("dinov2_reg4").save_pretrained(tmp_path / "hf")
-    model, path = load_frozen_backbone(
-        BackboneSource(path=str(tmp_path / "hf")), torch.device("cpu")
-    )
+    model, path = load_frozen_backbone(tmp_path / "hf", "cpu")
     assert path == tmp_path / "hf" / "model.safetensors"
     assert model.num_register_tokens == 4 and not model.training
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from dinospec.config import load_config
+from eval.config import SegSettings
 from eval.quickstart import run_quickstart
-from eval.seg_probe import SegProbeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = [
@@ -27,9 +27,7 @@ def test_pretraining_beats_initialization_on_the_segmentation_probe(tmp_path: Pa
     config = load_config(
         REPO / "configs" / "quickstart.yaml", [*SHORT, f"train.output_dir={tmp_path / 'run'}"]
     )
-    probe = SegProbeConfig(
-        iterations=1500, batch_size=16, lr=0.01, warmup_iterations=150, n_layers=4
-    )
+    probe = SegSettings(iterations=1500, batch_size=16, lr=0.01, warmup_iterations=150, n_layers=4)
     run_dir, scores = run_quickstart(config, probe, n_train=512, n_val=256)
 
     trained, initial = scores["trained"]["miou"], scores["random_init"]["miou"]

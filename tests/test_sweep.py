@@ -40,7 +40,7 @@ VANILLA = [
 HOLD = """
 import sys, time
 from pathlib import Path
-from dinospec.train.runlock import lock_run_dir
+from dinospec.run.lock import lock_run_dir
 
 lock = lock_run_dir(Path(sys.argv[1]))
 print("held", flush=True)

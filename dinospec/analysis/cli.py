@@ -32,16 +32,11 @@ from dinospec.analysis.tokens import DEFAULT_RATIO_THRESHOLD, BackboneAnalysis, 
 from dinospec.data.datasets import ImageTree
 from dinospec.data.synthetic import SyntheticScenes
 from dinospec.data.transforms import normalize, to_uint8_image
-from dinospec.models.checkpoints import load_backbone
 from dinospec.models.vit import DinoVisionTransformer
-from dinospec.train.exports import backbone_file
+from dinospec.run.exports import load_frozen_backbone
+from dinospec.run.layout import RunDir, is_export
 
 SYNTHETIC = "synthetic"
-
-
-def load_frozen(path: str | Path, num_heads: int | None, device: str) -> DinoVisionTransformer:
-    model = load_backbone(backbone_file(path), num_heads=num_heads, heads_key="--num-heads")
-    return model.requires_grad_(False).eval().to(device)
 
 
 def prepare_image(image: Image.Image | Tensor, size: int) -> Tensor:
@@ -95,7 +90,7 @@ def run_labels(paths: Sequence[str], labels: Sequence[str] | None) -> list[str]:
 
 
 def _short_name(path: Path) -> str:
-    if path.is_file() and path.name.startswith("teacher_backbone"):
+    if path.is_file() and is_export(path):
         return path.resolve().parent.name
     return path.name or str(path)
 
@@ -121,7 +116,9 @@ def _add_model_options(parser: argparse.ArgumentParser, n: int) -> None:
 
 def _analyze(args: argparse.Namespace) -> None:
     device = args.device or default_device()
-    models = [load_frozen(p, args.num_heads, device) for p in args.checkpoints]
+    models = [
+        load_frozen_backbone(p, device, num_heads=args.num_heads)[0] for p in args.checkpoints
+    ]
     labels = run_labels(args.checkpoints, args.labels)
     depth = min(len(m.blocks) for m in models)
     blocks = args.blocks if args.blocks is not None else default_blocks(depth)
@@ -173,7 +170,7 @@ def write_analysis(
 
 def _pca(args: argparse.Namespace) -> None:
     device = args.device or default_device()
-    model = load_frozen(args.checkpoint, args.num_heads, device)
+    model, _ = load_frozen_backbone(args.checkpoint, device, num_heads=args.num_heads)
     images = load_images(args.images, args.n, fit_size(model, args.size))
     features = torch.cat(
         [patch_features(model, b).cpu() for b in batches(images, args.batch_size, device)]
@@ -204,7 +201,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def metrics_file(run: str | Path) -> Path:
     run = Path(run)
-    return run / "metrics.jsonl" if run.is_dir() else run
+    return RunDir(run).metrics if run.is_dir() else run
 
 
 def _plot_metrics(args: argparse.Namespace) -> None:

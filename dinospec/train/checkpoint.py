@@ -42,12 +42,12 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from dinospec.distributed import host_group
 from dinospec.models.checkpoints import CheckpointError
+from dinospec.run.layout import CHECKPOINT_PREFIX
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
-PREFIX = "iter_"
-TMP_PREFIX = f".tmp_{PREFIX}"
+TMP_PREFIX = f".tmp_{CHECKPOINT_PREFIX}"
 INVALID_DIR = "invalid"
 DIVERGED_DIR = "diverged"
 SPACE_MARGIN = 1.1
@@ -252,7 +252,7 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last
             f"{bad[:8] or 'another rank'}; the training diverged. Newest checkpoint, written "
             f"before it: {newest[-1] if newest else 'none'}"
         )
-    final = root / f"{PREFIX}{iteration:08d}"
+    final = root / f"{CHECKPOINT_PREFIX}{iteration:08d}"
     tmp = root / f"{TMP_PREFIX}{iteration:08d}"
     if _is_main():
         root.mkdir(parents=True, exist_ok=True)
@@ -312,7 +312,7 @@ def _sizes_match(path: Path) -> bool:
 
 
 def checkpoint_iteration(path: Path) -> int:
-    return int(path.name.removeprefix(PREFIX))
+    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -346,7 +346,7 @@ def _iteration_dirs(root: Path) -> list[Path]:
     return [
         p
         for p in root.iterdir()
-        if p.name.startswith(PREFIX) and p.name.removeprefix(PREFIX).isdigit()
+        if p.name.startswith(CHECKPOINT_PREFIX) and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
     ]
 
 

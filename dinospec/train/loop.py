@@ -8,29 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import resource
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dinospec.config import Config, config_to_yaml
 from dinospec.distributed import DistInfo, all_reduce_mean, init_distributed, shard_model
+from dinospec.run.exports import write_export
+from dinospec.run.layout import RunDir
+from dinospec.run.lock import lock_for_ranks
 from dinospec.train.accelerate import accelerate, autocast_dtype
 from dinospec.train.checkpoint import (
     checkpoint_iteration,
@@ -47,28 +43,24 @@ from dinospec.train.data import (
     to_device,
 )
 from dinospec.train.ema import ema_update
-from dinospec.train.exports import write_export
+from dinospec.train.metrics_log import (
+    LogWindow,
+    collapse_warnings,
+    format_duration,
+    rewind_metrics,
+)
 from dinospec.train.optim import apply_schedule_values, param_groups
 from dinospec.train.pretrained import init_from_pretrained
-from dinospec.train.runlock import lock_for_ranks
 from dinospec.train.schedules import TrainingSchedules, dinov2_schedules
 from dinospec.train.signals import Interrupted, StopRequest
 from dinospec.train.ssl import SSLModel
+from dinospec.train.state import LossCenters, ModelPart, OptimizerPart, Progress, TrainingState
 
 log = logging.getLogger("dinospec.train")
 
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped because loss terms stayed non-finite; names them."""
-
-
-@dataclass
-class Progress:
-    """What a resumed run needs beyond the weights: every random draw and schedule value
-    is a function of the seed and these counters, so they restore every RNG stream."""
-
-    iteration: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    skipped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
 
 def schedules_for(
@@ -97,44 +89,11 @@ def schedules_for(
     )
 
 
-def _checkpoint_state(
-    model: SSLModel, optimizer: torch.optim.Optimizer, progress: Progress
-) -> dict:
-    """Tensors only: DCP would pickle anything else, and loading must never unpickle.
-    Optimizer param groups are left out; they are rebuilt from the config every step."""
-    return {
-        "student": get_model_state_dict(model.student),
-        "teacher": get_model_state_dict(model.teacher),
-        "optimizer": {"state": get_optimizer_state_dict(model.student, optimizer)["state"]},
-        "losses": {"dino_center": model.dino_loss.center, "ibot_center": model.ibot_loss.center},
-        "progress": {"iteration": progress.iteration, "skipped": progress.skipped},
-    }
-
-
-def _restore(model: SSLModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    set_model_state_dict(model.student, state["student"])
-    set_model_state_dict(model.teacher, state["teacher"])
-    full = get_optimizer_state_dict(model.student, optimizer)
-    full["state"] = state["optimizer"]["state"]
-    set_optimizer_state_dict(model.student, optimizer, full)
-
-
 @dataclass
 class StepResult:
     losses: dict[str, float]
     monitor: dict[str, Tensor]  # on the device: read only when logged
     nonfinite: list[str]
-
-
-@dataclass
-class LogWindow:
-    """What the iterations since the last log line add up to. A single step's loss comes
-    from one batch and jumps from step to step; the mean over the window shows the trend."""
-
-    start: float = field(default_factory=time.perf_counter)
-    iterations: int = 0
-    data_time: float = 0.0
-    losses: list[float] = field(default_factory=list)
 
 
 class Trainer:
@@ -153,6 +112,7 @@ class Trainer:
             # small CPU ops run slower when data workers and compute threads oversubscribe
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - config.data.num_workers))
         self.run_dir = Path(config.train.output_dir)
+        self.layout = RunDir(self.run_dir)
         self.images = build_image_dataset(config)
         torch.manual_seed(config.train.seed)
         model = SSLModel(config)
@@ -184,30 +144,40 @@ class Trainer:
         self.total = o.epochs * config.train.epoch_length
         self.stop = min(n for n in (self.total, config.train.max_iterations) if n is not None)
         self.progress = Progress()
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.state = TrainingState(
+            {
+                "student": ModelPart(self.model.student),
+                "teacher": ModelPart(self.model.teacher),
+                "optimizer": OptimizerPart(self.model.student, self.optimizer),
+                "losses": LossCenters(self.model.dino_loss, self.model.ibot_loss),
+                "progress": self.progress,
+            }
+        )
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
             print(message, flush=True)
 
     def resume(self) -> int:
-        state = _checkpoint_state(self.model, self.optimizer, self.progress)
-        iteration = resume_latest(
-            self.run_dir / "checkpoints", state, self.config.train.discard_invalid_checkpoints
+        """Load the newest valid checkpoint into every part of the state; the iteration to
+        go on from (0 for a new run)."""
+        state = self.state.state_dict()
+        found = resume_latest(
+            self.layout.checkpoints, state, self.config.train.discard_invalid_checkpoints
         )
-        if iteration is None:
+        if found is None:
             return 0
-        _restore(self.model, self.optimizer, state)
-        self._log(f"resumed from iteration {iteration} in {self.run_dir / 'checkpoints'}")
+        self.state.load_state_dict(state)
+        iteration = int(self.progress.iteration)
+        self._log(f"resumed from iteration {iteration} in {self.layout.checkpoints}")
         return iteration
 
     def checkpoint(self, iteration: int) -> Path:
         self.progress.iteration.fill_(iteration)
         self.model.dino_loss.apply_center_update()
         self.model.ibot_loss.apply_center_update()
-        state = _checkpoint_state(self.model, self.optimizer, self.progress)
         path = save_checkpoint(
-            self.run_dir / "checkpoints", iteration, state, self.config.train.keep_last
+            self.layout.checkpoints, iteration, self.state.state_dict(), self.config.train.keep_last
         )
         self.export_teacher(iteration)
         return path
@@ -217,7 +187,7 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model.teacher.backbone, options=options)
         if self.info.is_main:
-            write_export(state, self.config.model, self.run_dir, iteration)
+            write_export(state, self.config.model, self.layout, iteration)
 
     def step(
         self, batch: dict[str, Any], values: dict[str, float], frozen_backbone: bool = False
@@ -257,8 +227,8 @@ class Trainer:
         start = self.resume()
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
-            rewind_metrics(self.metrics_path, start)
+            self.layout.config.write_text(config_to_yaml(self.config))
+            rewind_metrics(self.layout.metrics, start)
         if start >= self.stop:
             self._log(f"nothing to do: run is at iteration {start}, stop is {self.stop}")
             return self.run_dir
@@ -329,7 +299,7 @@ class Trainer:
         log.warning(message)
         self._log(f"WARNING {message} ({skipped}/{self.config.train.max_nonfinite_skips})")
         if skipped > self.config.train.max_nonfinite_skips:
-            root = self.run_dir / "checkpoints"
+            root = self.layout.checkpoints
             diverged = set_aside_from(root, since) if self.info.is_main else []
             good = [p for p in list_checkpoints(root) if checkpoint_iteration(p) < since]
             moved = ", ".join(str(p) for p in diverged)
@@ -370,7 +340,7 @@ class Trainer:
         }
         if not self.info.is_main:
             return
-        with open(self.metrics_path, "a") as f:
+        with open(self.layout.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
         terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
         self._log(
@@ -378,53 +348,11 @@ class Trainer:
             f"{len(window.losses)} {record['loss_window_mean']:.4f} lr {values['lr']:.2e} "
             f"wd {values['wd']:.3f} mom {values['momentum']:.4f} T {values['teacher_temp']:.3f} "
             f"| {record['images_per_s']:.1f} img/s data {record['data_time_s']:.3f}s "
-            f"mem {peak_mb:.0f}MB eta {_duration(record['eta_s'])}"
+            f"mem {peak_mb:.0f}MB eta {format_duration(record['eta_s'])}"
         )
-        self._warn_collapse(iteration, monitor)
-
-    def _warn_collapse(self, iteration: int, monitor: dict[str, float]) -> None:
-        """Only after the lr warm-up: LayerScale starts at 1e-5, so at first every image's
-        [CLS] is nearly the same by construction, not by collapse."""
-        if iteration < self.config.optim.warmup_epochs * self.config.train.epoch_length:
-            return
-        std, entropy = monitor.get("student_cls_std"), monitor.get("teacher_entropy")
-        if std is not None and std < 0.05:
-            self._log(
-                f"WARNING it {iteration}: student [CLS] features collapsed (spread {std:.3f})"
-            )
-        if entropy is not None and entropy < 0.01:
-            self._log(f"WARNING it {iteration}: teacher targets collapsed onto few prototypes")
-        if entropy is not None and entropy > 0.99:
-            self._log(
-                f"WARNING it {iteration}: teacher targets nearly uniform (normalized entropy "
-                f"{entropy:.4f}): the run is collapsing to a constant output"
-            )
-
-
-def rewind_metrics(path: Path, iteration: int) -> None:
-    """Drop from a metrics file what a run resuming at `iteration` will log again (the
-    records after its checkpoint) and any line the previous process left unreadable (a
-    kill mid-write; appended to, it would sit in the middle of the file). Rewritten
-    through a temporary file, so a crash here leaves the old file whole."""
-    if not path.exists():
-        return
-    kept = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: dropped an unreadable line: %.80r", path, number, line)
-            continue
-        if record["iteration"] <= iteration:
-            kept.append(line + "\n")
-    partial = path.with_name(path.name + ".tmp")
-    try:
-        partial.write_text("".join(kept))
-    except OSError as err:
-        partial.unlink(missing_ok=True)
-        message = f"cannot rewrite {path} ({err.strerror}); it is unchanged"
-        raise OSError(err.errno, message) from err
-    partial.replace(path)
+        warmup_end = self.config.optim.warmup_epochs * self.config.train.epoch_length
+        for warning in collapse_warnings(iteration, monitor, warmup_end):
+            self._log(warning)
 
 
 def _reduced_flags_and_means(terms: list[Tensor]) -> tuple[list[bool], list[float]]:
@@ -438,18 +366,10 @@ def _reduced_flags_and_means(terms: list[Tensor]) -> tuple[list[bool], list[floa
     return [flag == 1.0 for flag in both[: len(terms)]], both[len(terms) :]
 
 
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, s = divmod(int(seconds), 60)
-    hours, m = divmod(minutes, 60)
-    return f"{hours}:{m:02d}:{s:02d}"
-
-
 def train(config: Config) -> Path:
     """Run (or resume) the pretraining job a config describes; returns the run directory.
 
-    The run holds its directory's lock (dinospec.train.runlock: RunDirLocked if another
+    The run holds its directory's lock (dinospec.run.lock: RunDirLocked if another
     run has it). SIGTERM, SIGINT and SIGUSR2 stop it after the current step with a
     checkpoint and raise Interrupted; a second SIGINT raises KeyboardInterrupt at once."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

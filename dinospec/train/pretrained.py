@@ -9,7 +9,6 @@ or train alone first, the backbones frozen (`TrainingSchedules.backbone_frozen`)
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,14 @@ from torch import Tensor
 
 from dinospec.config import Config
 from dinospec.models.checkpoints import CheckpointError, load_weights, read_weights
+from dinospec.run.exports import backbone_file
+from dinospec.run.layout import RunDir
 from dinospec.train.checkpoint import (
-    PREFIX,
     SafeFileSystemReader,
     TensorOnlyLoadPlanner,
     flatten,
     verify_checkpoint,
 )
-from dinospec.train.exports import CHECKPOINTS, RECORD, backbone_file
 from dinospec.train.ssl import SSLModel
 
 log = logging.getLogger(__name__)
@@ -76,8 +75,9 @@ def init_from_pretrained(model: SSLModel, config: Config) -> PretrainedStart | N
 
 
 def _heads_state(model: SSLModel) -> dict[str, dict[str, Tensor]]:
-    """The checkpoint entries of the heads and loss centres, as `_checkpoint_state`
-    names them, holding the model's own tensors (DCP loads into them in place)."""
+    """The checkpoint entries of the heads and loss centres, under the names the run's
+    `TrainingState` gives them, holding the model's own tensors (DCP loads into them in
+    place)."""
     return {
         part: {
             f"{name}.{key}": value
@@ -92,11 +92,10 @@ def _heads_state(model: SSLModel) -> dict[str, dict[str, Tensor]]:
 def _load_run_heads(model: SSLModel, run_dir: Path) -> Path | None:
     """Heads and centres from the checkpoint of the exported teacher's iteration; None
     when the run has no such checkpoint (the export is then used alone)."""
-    record = run_dir / RECORD
-    if not record.is_file():
+    iteration = RunDir(run_dir).exported_iteration()
+    if iteration is None:
         return None
-    iteration = int(json.loads(record.read_text())["iteration"])
-    checkpoint = run_dir / CHECKPOINTS / f"{PREFIX}{iteration:08d}"
+    checkpoint = RunDir(run_dir).checkpoint(iteration)
     if not checkpoint.is_dir():
         log.warning("%s: no checkpoint of iteration %d; heads start fresh", run_dir, iteration)
         return None

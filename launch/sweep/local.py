@@ -2,7 +2,7 @@
 own process whose output goes to its `cell.log`. A failed cell does not stop the others;
 the sweep ends with the list of failed cells and their logs, and the report.
 
-The sweep holds its directory's lock (dinospec.train.runlock) while it runs, so a second
+The sweep holds its directory's lock (dinospec.run.lock) while it runs, so a second
 sweep into it is refused. SIGINT, SIGTERM and SIGUSR2 are passed on to the running cells
 as in `launch.local` (their training stops after its step with a checkpoint), no further
 cell starts, and the same command resumes; a second Ctrl-C kills the cells at once.
@@ -22,7 +22,7 @@ from types import FrameType
 
 import torch
 
-from dinospec.train.runlock import RunDirLocked, lock_run_dir
+from dinospec.run.lock import RunDirLocked, lock_run_dir
 from dinospec.train.signals import ACTIONS
 from launch.local import SignalForwarder
 from launch.sweep.record import (

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dinospec.train.runlock import RunDirLocked, lock_run_dir
+from dinospec.run.layout import RunDir
+from dinospec.run.lock import RunDirLocked, lock_run_dir
 from launch.jobs import JOB_TYPES
-from launch.rundir import LOG_DIR, read_job_file, record_submission
+from launch.rundir import read_job_file, record_submission
 from launch.submit import (
     SLURM_OPTIONS,
     active_jobs,
@@ -138,7 +139,7 @@ def submit(sweep: Sweep, chosen: argparse.Namespace, command: Sequence[str]) -> 
             reports = write_report(sweep)
             print(f"all {len(sweep.cells())} cells are done; report: {reports[0]}")
             return 0
-        logs = sweep.output_dir / LOG_DIR
+        logs = RunDir(sweep.output_dir).submitit_logs
         executor = make_executor(logs, parameters, chosen.max_timeouts)
         with executor.batch():
             handles = [executor.submit(CellJob(sweep, cell.key)) for cell in todo]
@@ -164,7 +165,7 @@ def _record(
 ) -> None:
     """`job.json` in the sweep directory (the report job, every cell's job) and in each
     cell's directory (its job and rank 0's log)."""
-    logs = sweep.output_dir / LOG_DIR
+    logs = RunDir(sweep.output_dir).submitit_logs
     for cell, job_id in zip(cells, job_ids, strict=True):
         cell.directory.mkdir(parents=True, exist_ok=True)
         record_submission(

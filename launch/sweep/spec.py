@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from dinospec.run.layout import RunDir
 from launch.cli import LaunchError
 from launch.submit import add_resource_options, point_name
 
@@ -50,7 +51,6 @@ CELL_RECORD = "cell.json"
 RUN_DIR = "run"
 EVAL_DIR = "eval"
 INIT_BACKBONE = "init_backbone.safetensors"
-TRAINED_BACKBONE = "teacher_backbone.safetensors"
 
 
 class SweepError(LaunchError):
@@ -109,7 +109,7 @@ class Cell:
         """The weights the evaluations read."""
         if self.random_init:
             return self.directory / INIT_BACKBONE
-        return self.run_dir / TRAINED_BACKBONE
+        return RunDir(self.run_dir).export(".safetensors")
 
     @property
     def log(self) -> Path:

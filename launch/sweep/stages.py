@@ -22,8 +22,8 @@ import torch
 from dinospec.config import Config, load_config
 from dinospec.models import build_backbone
 from dinospec.models.checkpoints import save_backbone
+from dinospec.run.layout import RunDir
 from dinospec.train.checkpoint import file_digest
-from dinospec.train.exports import RECORD
 from eval.config import EvalConfig
 from eval.runner import RESULTS_FILE, json_safe
 from launch.eval_job import EvalJob
@@ -40,16 +40,8 @@ class MetricError(Exception):
     """A metric path of the sweep file that results.json does not have."""
 
 
-def exported_iteration(run_dir: Path) -> int | None:
-    """The iteration of the run's teacher export, from the record written after it."""
-    try:
-        return int(json.loads((run_dir / RECORD).read_text())["iteration"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def training_finished(config: Config, backbone: Path) -> bool:
-    exported = exported_iteration(backbone.parent)
+    exported = RunDir(backbone.parent).exported_iteration()
     return backbone.is_file() and exported is not None and exported >= stop_iteration(config)
 
 
@@ -67,7 +59,7 @@ def run_differences(config: Config) -> list[str]:
     """How the run already in the config's directory differs in model or seed (the sweep
     file was edited since): such a run must be neither resumed nor taken as this cell's.
     Other keys may change: a larger `optim.epochs` extends a run, as with `dinospec train`."""
-    written = Path(config.train.output_dir) / "config.yaml"
+    written = RunDir(config.train.output_dir).config
     if not written.is_file():
         return []
     before = load_config(written)
@@ -114,7 +106,7 @@ def backbone_digest(path: Path) -> str:
     """sha256 of the weights, from the run's export record where there is one (hashing a
     large backbone for every skip test would take seconds)."""
     try:
-        return json.loads((path.parent / RECORD).read_text())["sha256"][path.name]
+        return json.loads(RunDir(path.parent).export_record.read_text())["sha256"][path.name]
     except (OSError, ValueError, KeyError, TypeError):
         return file_digest(path)
 

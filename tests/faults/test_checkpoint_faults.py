@@ -17,8 +17,9 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 from train_helpers import read_metrics, run_cli, tiny_config
 
-from dinospec.analysis.cli import backbone_file
 from dinospec.models.checkpoints import CheckpointError
+from dinospec.run.exports import backbone_file
+from dinospec.run.layout import RunDir
 from dinospec.train.checkpoint import (
     MARKER,
     CheckpointMismatch,
@@ -27,7 +28,6 @@ from dinospec.train.checkpoint import (
     NoValidCheckpoint,
     list_checkpoints,
 )
-from dinospec.train.exports import RECORD
 from dinospec.train.loop import NonFiniteLossError, Trainer, train
 
 
@@ -212,7 +212,7 @@ def test_full_disk_during_a_write_removes_the_partial_checkpoint(small_disk, mon
 
 def test_interrupted_export_is_refused_by_readers(tmp_path):
     run_dir = train(tiny_config(tmp_path / "run", "train.max_iterations=2"))
-    assert json.loads((run_dir / RECORD).read_text())["iteration"] == 2
+    assert json.loads(RunDir(run_dir).export_record.read_text())["iteration"] == 2
     assert backbone_file(run_dir) == run_dir / "teacher_backbone.safetensors"
     pth = run_dir / "teacher_backbone.pth"
     pth.write_bytes(pth.read_bytes()[:100])

@@ -16,13 +16,13 @@ import torch.multiprocessing as mp
 from run_helpers import ENTRY_POINTS, LONG, REPO, Run, run_to_end, start, write_config
 from train_helpers import read_metrics, tiny_config
 
-from dinospec.train.runlock import RunDirLocked, holder, lock_for_ranks
+from dinospec.run.lock import RunDirLocked, holder, lock_for_ranks
 from launch import submit
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from dinospec.train.runlock import lock_run_dir
+from dinospec.run.lock import lock_run_dir
 
 lock = lock_run_dir(Path(sys.argv[1]))
 print("held", flush=True)

@@ -28,10 +28,9 @@ import torch
 import torch.distributed as dist
 
 from dinospec.distributed import host_group
+from dinospec.run.layout import RunDir
 
 log = logging.getLogger(__name__)
-
-LOCK_FILE = ".lock"
 
 _HELD: set[int] = set()
 """Descriptors of the locks this process holds. Forked children (data-loader workers)
@@ -114,7 +113,7 @@ def lock_run_dir(run_dir: Path) -> RunLock:
     """Take the run directory's lock (creating the directory), or raise RunDirLocked naming
     the holder. A file system without flock support is reported and not locked."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    path = RunDir(run_dir).lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -136,7 +135,7 @@ def lock_run_dir(run_dir: Path) -> RunLock:
 
 def holder(run_dir: Path) -> dict | None:
     """Who holds the run directory's lock now (None if nobody), without taking it."""
-    path = run_dir / LOCK_FILE
+    path = RunDir(run_dir).lock
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -170,4 +169,4 @@ def lock_for_ranks(run_dir: Path) -> RunLock:
             refused = RunDirLocked(f"{run_dir} is in use by another run (rank 0 found it locked)")
     if refused is not None:
         raise refused
-    return lock if lock is not None else RunLock(run_dir / LOCK_FILE, None)
+    return lock if lock is not None else RunLock(RunDir(run_dir).lock, None)
