@@ -6,10 +6,9 @@ match it, is not a checkpoint. Each is written under a temporary name and rename
 killed mid-write leaves no half checkpoint behind under a valid name.
 
 Only tensors go into a checkpoint, and nothing in one is ever unpickled beyond DCP's own
-metadata classes: the metadata file is read with an unpickler that admits those alone
-(not DCP's "bytes" entries, which hold arbitrary pickles), and tensors are loaded through
-a planner that refuses bytes entries. The sha256 manifest guards against truncation and
-bit rot, not against an attacker, who can rewrite it together with the files.
+metadata classes (dinospec.train.checkpoint_reader). The sha256 manifest guards against
+truncation and bit rot, not against an attacker, who can rewrite it together with the
+files.
 
 What a run can rely on: it resumes from the newest checkpoint that verifies; it never
 starts over silently when checkpoints exist but none verifies; an invalid checkpoint is
@@ -21,11 +20,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
-import pickle
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,15 +31,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.metadata import Metadata
 
 from dinospec.distributed import host_group
 from dinospec.models.checkpoints import CheckpointError
 from dinospec.run.layout import CHECKPOINT_PREFIX
+from dinospec.train.checkpoint_reader import (
+    CheckpointCorrupt,
+    SafeFileSystemReader,
+    TensorOnlyLoadPlanner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,32 +52,8 @@ DIVERGED_DIR = "diverged"
 SPACE_MARGIN = 1.1
 """A checkpoint takes its tensors' bytes plus DCP's metadata and alignment; 10% covers it."""
 
-_SAFE_GLOBALS = {
-    *(
-        ("torch.distributed.checkpoint.metadata", name)
-        for name in (
-            "Metadata",
-            "MetadataIndex",
-            "StorageMeta",
-            "TensorProperties",
-            "TensorStorageMetadata",
-            "ChunkStorageMetadata",
-            "_MEM_FORMAT_ENCODING",
-        )
-    ),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),
-    ("torch", "Size"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-}
 _NO_SPACE_SYMPTOMS = ("No space left", "unexpected pos", "file write failed")
 """How ENOSPC reaches us from torch's zip writer, which drops the errno."""
-
-
-class CheckpointCorrupt(CheckpointError):
-    """A checkpoint directory that is incomplete, altered, crafted or unreadable."""
 
 
 class CheckpointMismatch(CheckpointError):
@@ -95,47 +70,6 @@ class NonFiniteState(CheckpointError):
 
 class NoSpaceLeft(CheckpointError):
     """The checkpoint does not fit on its file system."""
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if is_dtype or (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise CheckpointCorrupt(
-            f"checkpoint metadata refers to {module}.{name}; refusing it (a dinospec "
-            "checkpoint holds tensors only)"
-        )
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP reader whose metadata load cannot execute code and admits tensor entries only."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self.path) / ".metadata"
-        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-        if not isinstance(metadata, Metadata):
-            raise CheckpointCorrupt(f"{path}: not DCP metadata ({type(metadata).__name__})")
-        not_tensors = [
-            key
-            for key, entry in metadata.state_dict_metadata.items()
-            if not isinstance(entry, TensorStorageMetadata)
-        ]
-        if not_tensors:
-            raise CheckpointCorrupt(f"{path}: entries that are not tensors: {not_tensors[:8]}")
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class TensorOnlyLoadPlanner(DefaultLoadPlanner):
-    """The default planner unpickles bytes entries with `weights_only=False`; this one
-    refuses them, so no metadata trick can reach an unpickler."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        raise CheckpointCorrupt(
-            f"entry {read_item.dest_index.fqn!r} holds pickled bytes; refusing to unpickle it"
-        )
 
 
 def _is_main() -> bool:

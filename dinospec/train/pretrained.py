@@ -20,12 +20,8 @@ from dinospec.config import Config
 from dinospec.models.checkpoints import CheckpointError, load_weights, read_weights
 from dinospec.run.exports import backbone_file
 from dinospec.run.layout import RunDir
-from dinospec.train.checkpoint import (
-    SafeFileSystemReader,
-    TensorOnlyLoadPlanner,
-    flatten,
-    verify_checkpoint,
-)
+from dinospec.train.checkpoint import flatten, verify_checkpoint
+from dinospec.train.checkpoint_reader import SafeFileSystemReader, TensorOnlyLoadPlanner
 from dinospec.train.ssl import SSLModel
 
 log = logging.getLogger(__name__)
