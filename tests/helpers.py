@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from dinospec.config import SpecializeConfig
+from dinospec.config import ModelConfig, SpecializeConfig
 from dinospec.models import DinoVisionTransformer
 
 EVERYTHING = SpecializeConfig(
@@ -37,7 +37,7 @@ def tiny_vit(specialize: SpecializeConfig | None = None, **overrides) -> DinoVis
         num_register_tokens=2,
     )
     kwargs.update(overrides)
-    return DinoVisionTransformer(specialize=specialize, **kwargs)
+    return DinoVisionTransformer(ModelConfig(specialize=specialize or SpecializeConfig(), **kwargs))
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

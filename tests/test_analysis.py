@@ -32,7 +32,7 @@ from dinospec.analysis.tokens import (
 from dinospec.config import SpecializeConfig
 from dinospec.models.checkpoints import save_backbone
 from dinospec.models.convert import specialize_backbone
-from dinospec.models.specialize import SpecializedLayerNorm
+from dinospec.models.sublayers import SpecializedLayerNorm
 
 NORMS_ONLY = SpecializeConfig(norm1_blocks="all", norm2_blocks="all", final_norm=True)
 # tiny_vit: 32 px images, patch 8 -> 16 patches, 2 registers, 32 channels, 3 blocks
@@ -108,11 +108,13 @@ def test_recorder_sees_every_norm_once_per_forward_as_full_sequences(spec) -> No
                 tensors.input[:, :prefix], (DIM,), norm.prefix_weight, norm.prefix_bias, 1e-6
             )
             torch.testing.assert_close(tensors.output[:, :prefix], cls_path)
-            torch.testing.assert_close(
-                tensors.output[:, prefix:], norm(tensors.input[:, prefix:], "patch")
+            patch_path = F.layer_norm(
+                tensors.input[:, prefix:], (DIM,), norm.weight, norm.bias, 1e-6
             )
+            torch.testing.assert_close(tensors.output[:, prefix:], patch_path)
         else:
-            torch.testing.assert_close(tensors.output, norm(tensors.input))
+            shared = F.layer_norm(tensors.input, (DIM,), norm.weight, norm.bias, 1e-6)
+            torch.testing.assert_close(tensors.output, shared)
         torch.testing.assert_close(
             tensors.normalized, F.layer_norm(tensors.input, (DIM,), eps=1e-6)
         )

@@ -4,19 +4,24 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import randomize, tiny_vit
 
 from dinospec.models.layers import Attention
+from dinospec.models.streams import Streams
 
 
 def test_sdpa_matches_explicit_softmax_attention():
     attn = randomize(Attention(32, 4, True, True, "sdpa", frozenset()))
     x = torch.randn(2, 7, 32)
     b, n, c = x.shape
-    q, k, v = attn.qkv(x).reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = (
+        F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    )
     weights = (q @ k.transpose(-2, -1) / 8**0.5).softmax(-1)
-    expected = attn.proj((weights @ v).transpose(1, 2).reshape(b, n, c))
-    (out,) = attn([x], [None])
+    attended = (weights @ v).transpose(1, 2).reshape(b, n, c)
+    expected = F.linear(attended, attn.proj.weight, attn.proj.bias)
+    (out,) = attn(Streams.of_sequence(x, 0)).parts
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -15,6 +15,7 @@ from train_helpers import read_metrics, tiny_config
 
 from dinospec.models import layers
 from dinospec.models.heads import DINOHead
+from dinospec.models.streams import Streams
 from dinospec.train.loop import schedules_for, train
 from dinospec.train.optim import param_groups
 from dinospec.train.schedules import CosineSchedule
@@ -221,9 +222,9 @@ def _schemes_taken(block: torch.nn.Module, nested: bool, monkeypatch) -> set[str
     monkeypatch.setattr(layers, "drop_path", spy_mask)
     x = torch.randn(8, 5, 32)
     if nested:
-        block([[x], [x[:, :3]]], [[None], [None]])
+        block([Streams.of_sequence(x, 0), Streams.of_sequence(x[:, :3], 0)], multi_crop=True)
     else:
-        block(x)
+        block([Streams.of_sequence(x, 0)])
     return set(taken) or {"none"}
 
 

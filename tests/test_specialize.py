@@ -7,11 +7,10 @@ from helpers import EVERYTHING, PAPER, randomize, tiny_vit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinospec.config import SpecializeConfig
-from dinospec.models import TokenTypes
 from dinospec.models.convert import specialize_backbone
 from dinospec.models.layers import drop_path
-from dinospec.models.specialize import SpecializedLayerNorm, SpecializedLinear
-from dinospec.models.tokens import PATCH, PREFIX
+from dinospec.models.streams import Streams
+from dinospec.models.sublayers import SpecializedLayerNorm, SpecializedLinear
 
 OUTPUTS = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm")
 
@@ -92,7 +91,8 @@ def _qkv_rows(model, x):
     with torch.no_grad():
         model(x)
     hook.remove()
-    return torch.cat(captured, dim=1)
+    (qkv,) = captured
+    return qkv.joined()
 
 
 @pytest.mark.parametrize("tokens, num_prefix", [("cls+registers", 3), ("cls", 1)])
@@ -114,36 +114,6 @@ def test_routing_before_attention(tokens, num_prefix, param):
         assert prefix_changed and not patch_changed
     else:
         assert patch_changed and not prefix_changed
-
-
-def test_packed_sequences_route_by_mask():
-    norm, linear = randomize(SpecializedLayerNorm(8)), randomize(SpecializedLinear(8, 6))
-    a, b = torch.randn(1, 5, 8), torch.randn(1, 7, 8)
-    packed = torch.cat([a, b], dim=1)
-    mask = torch.tensor([[True, True, False, False, False, True] + [False] * 6])
-    for layer in (norm, linear):
-        expected = torch.cat(
-            [
-                layer(a[:, :2], PREFIX),
-                layer(a[:, 2:], PATCH),
-                layer(b[:, :1], PREFIX),
-                layer(b[:, 1:], PATCH),
-            ],
-            dim=1,
-        )
-        torch.testing.assert_close(layer(packed, TokenTypes(mask)), expected, rtol=0, atol=1e-6)
-
-
-def test_block_on_packed_sequence_matches_separate_streams():
-    model = randomize(tiny_vit(EVERYTHING)).eval()
-    block = model.blocks[0]
-    a = torch.randn(1, 19, 32)
-    streams = block.forward_streams([a[:, :3], a[:, 3:]], [PREFIX, PATCH])
-    mask = torch.zeros(1, 19, dtype=torch.bool)
-    mask[:, :3] = True
-    with torch.no_grad():
-        packed = block(a, TokenTypes(mask))
-    torch.testing.assert_close(packed, torch.cat(streams, dim=1), rtol=0, atol=1e-5)
 
 
 def test_dropping_a_prefix_path_is_refused():
@@ -176,15 +146,17 @@ def test_stochastic_depth_on_subset_is_unbiased_and_inactive_in_eval():
     assert not torch.equal(runs[0], runs[1]) and all(torch.isfinite(r).all() for r in runs)
 
 
-def test_dinov2_style_block_loop_on_specialized_model():
+def test_block_loop_on_specialized_model():
+    """The loop DINOv2 code writes over `model.blocks`, with the tokens as the blocks
+    carry them (a list of crop sizes, each a Streams)."""
     model = randomize(tiny_vit(PAPER)).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        tokens = model.prepare_tokens_with_masks(x)
+        crops = [model.streams_of(model.prepare_tokens_with_masks(x))]
         for blk in model.blocks:
-            tokens = blk(tokens)
+            crops = blk(crops)
         expected = model.forward_features(x)["x_prenorm"]
-    assert torch.equal(tokens, expected)
+    assert torch.equal(crops[0].joined(), expected)
 
 
 class MatmulShapes(TorchDispatchMode):
@@ -229,7 +201,7 @@ def test_drop_path_rounds_as_dinov2():
     instead rounds differently in the last bit."""
     x = torch.randn(16, 5, 32)
     torch.manual_seed(0)
-    (ours,) = drop_path([x], 0.3, training=True)
+    (ours,) = drop_path(Streams.of_sequence(x, 0), 0.3, training=True).parts
     torch.manual_seed(0)
     mask = x.new_empty(16, 1, 1).bernoulli_(0.7)
     assert torch.equal(ours, x * mask.div_(0.7))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from dinospec.config import ModelConfig
 from dinospec.models import DinoVisionTransformer
 
 FEATURES = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm")
@@ -14,7 +15,7 @@ FEATURES = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_pren
 def _load(golden_dir, name):
     data = torch.load(golden_dir / f"{name}.pt", weights_only=True)
     config = json.loads(data["config"])
-    model = DinoVisionTransformer(**config, init_values=1.0).eval()
+    model = DinoVisionTransformer(ModelConfig(**config, init_values=1.0)).eval()
     model.load_state_dict(data["state_dict"], strict=True)
     inputs = sorted({k.split(".")[0] for k in data if k.startswith("in")})
     return data, config, model, inputs

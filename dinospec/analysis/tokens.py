@@ -7,8 +7,8 @@ Both are measured here on three values of every norm: its input, its normalized 
 before the affine, and its output, so one can see whether the statistics or the affine do
 the separating.
 
-A specialized model carries the sequence as two streams (prefix, patch), so each norm runs
-once per stream; the hooks put the streams back together, which makes the statistics of a
+The model's norm hooks (`DinoVisionTransformer.register_norm_hook`) hand over whole
+sequences however a specialized model carries its tokens, which makes the statistics of a
 specialized model directly comparable with those of a vanilla one. Statistics are reduced
 batch by batch inside the hooks: keeping every norm's activations of a ViT-L for 256
 images would take tens of gigabytes.
@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinospec.models.specialize import SpecializedLayerNorm
-from dinospec.models.tokens import PATCH, PREFIX, TokenTypes
+from dinospec.models.sublayers import SpecializedLayerNorm
 from dinospec.models.vit import DinoVisionTransformer
 
 STAGES = ("input", "normalized", "output")
@@ -98,26 +97,20 @@ def normalized_before_affine(module: nn.LayerNorm, x: Tensor) -> Tensor:
 
 
 class NormRecorder:
-    """Forward hooks on every norm of a backbone that hand `sink` the full-sequence input,
-    normalized value and output of each norm, once per forward.
-
-    The streams of a specialized model arrive prefix first, then patches (the order of
-    `split_streams`); a route passed to a specialized norm is checked against that order,
-    so a change in how the model routes tokens fails here instead of mixing token types.
-    """
+    """Hooks on every norm of a backbone that hand `sink` the full-sequence input,
+    normalized value and output of each norm, once per forward."""
 
     def __init__(
         self, model: DinoVisionTransformer, sink: Callable[[NormSite, NormTensors], None]
     ) -> None:
+        self.model = model
         self.sites = norm_sites(model)
         self.sink = sink
-        self.routes = (PREFIX, PATCH) if model.is_specialized else (None,)
-        self._parts: dict[str, list[NormTensors]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> NormRecorder:
         for site in self.sites:
-            handle = site.module.register_forward_hook(self._hook_for(site))
+            handle = self.model.register_norm_hook(site.name, self._hook_for(site))
             self._handles.append(handle)
         return self
 
@@ -125,39 +118,15 @@ class NormRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._parts.clear()
 
-    def _hook_for(self, site: NormSite) -> Callable[[nn.Module, tuple, Tensor], None]:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            x = args[0].detach()
-            parts = self._parts.setdefault(site.name, [])
-            self._check_route(site, args[1] if len(args) > 1 else None, len(parts))
-            parts.append(NormTensors(x, normalized_before_affine(site.module, x), output.detach()))
-            if len(parts) == len(self.routes):
-                del self._parts[site.name]
-                self.sink(site, _join(parts))
+    def _hook_for(self, site: NormSite) -> Callable[[Tensor, Tensor], None]:
+        def hook(x: Tensor, output: Tensor) -> None:
+            x = x.detach()
+            self.sink(
+                site, NormTensors(x, normalized_before_affine(site.module, x), output.detach())
+            )
 
         return hook
-
-    def _check_route(self, site: NormSite, route: object, position: int) -> None:
-        if isinstance(route, TokenTypes):
-            raise ValueError(
-                f"{site.name}: packed multi-crop sequences are not supported; analyze one "
-                "batch of same-size images at a time"
-            )
-        if route is not None and route != self.routes[position]:
-            raise RuntimeError(
-                f"{site.name}: stream {position} arrived with route {route!r}, expected "
-                f"{self.routes[position]!r}; the model's stream order changed"
-            )
-
-
-def _join(parts: list[NormTensors]) -> NormTensors:
-    if len(parts) == 1:
-        return parts[0]
-    return NormTensors(
-        *(torch.cat([p.stage(s) for p in parts], dim=1) for s in STAGES),
-    )
 
 
 def cross_cosine(a: Tensor, b: Tensor) -> Tensor:

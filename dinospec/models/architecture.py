@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 
 from torch import Tensor
 
-from dinospec.config import ModelConfig, SpecializeConfig, resolve_blocks
+from dinospec.config import BLOCK_SUBLAYERS, ModelConfig, SpecializeConfig, resolve_blocks
 from dinospec.models.errors import CheckpointError
-from dinospec.models.specialize import BLOCK_SUBLAYERS, SpecializationPlan
+from dinospec.models.specialize import SpecializationPlan
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from dinospec.config import SpecializeConfig
 from dinospec.models.architecture import shapes_architecture
-from dinospec.models.specialize import TokenSpecialized
+from dinospec.models.sublayers import SPECIALIZED
 from dinospec.models.vit import DinoVisionTransformer, build_backbone
 
 StateDict = dict[str, Tensor]
@@ -25,7 +25,7 @@ def fill_prefix_path(state_dict: Mapping[str, Tensor], model: DinoVisionTransfor
     """Copy shared weights into every prefix parameter of `model` the state dict lacks."""
     filled = dict(state_dict)
     for name, module in model.named_modules():
-        if not isinstance(module, TokenSpecialized):
+        if not isinstance(module, SPECIALIZED):
             continue
         for param in ("weight", "bias"):
             shared, prefix = f"{name}.{param}", f"{name}.prefix_{param}"

@@ -1,7 +1,9 @@
 """Building blocks of the DINOv2 ViT, with optional token-type specialization.
 
 Module and parameter names match DINOv2 (`attn.qkv`, `mlp.fc1`, `mlp.w12`, `ls1.gamma`, ...)
-so that official checkpoints load without renaming.
+so that official checkpoints load without renaming. A block carries its tokens as
+`Streams` (dinospec.models.streams); its sublayers (dinospec.models.sublayers) are each
+shared or specialized, as the model's `SpecializationPlan` declares.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinospec.models.specialize import apply_layer, apply_sublayer, make_linear, make_norm
-from dinospec.models.tokens import PATCH, PREFIX, Route, join, select_rows, split
+from dinospec.models.streams import Streams
+from dinospec.models.sublayers import make_linear, make_norm
 
 
 class PatchEmbed(nn.Module):
@@ -32,10 +34,6 @@ class PatchEmbed(nn.Module):
                 f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}"
             )
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def _sizes(streams: list[Tensor]) -> list[int]:
-    return [x.shape[1] for x in streams]
 
 
 class Attention(nn.Module):
@@ -62,11 +60,10 @@ class Attention(nn.Module):
         self.qkv = make_linear(dim, 3 * dim, qkv_bias, "qkv" in specialized)
         self.proj = make_linear(dim, dim, proj_bias, "proj" in specialized)
 
-    def forward(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
+    def forward(self, x: Streams) -> Streams:
         """Attention over the joined streams; the output is joint after a shared `proj`,
-        one tensor per stream after a specialized one (see `apply_sublayer`)."""
-        sizes = _sizes(streams)
-        qkv = join(apply_sublayer(self.qkv, streams, routes, sizes))
+        one tensor per stream after a specialized one."""
+        qkv = self.qkv(x).joined()
         b, n, c3 = qkv.shape
         c = c3 // 3
         qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads)
@@ -75,7 +72,7 @@ class Attention(nn.Module):
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        return apply_sublayer(self.proj, [out.reshape(b, n, c)], routes, sizes)
+        return self.proj(x.with_whole(out.reshape(b, n, c)))
 
 
 def _xformers_attention(qkv: Tensor) -> Tensor:
@@ -100,11 +97,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = make_linear(hidden, dim, bias, "ffn_out" in specialized)
 
-    def forward(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
+    def forward(self, x: Streams) -> Streams:
         """Joint or per-stream output, as `Attention.forward`."""
-        sizes = _sizes(streams)
-        hidden = [self.act(h) for h in apply_sublayer(self.fc1, streams, routes, sizes)]
-        return apply_sublayer(self.fc2, hidden, routes, sizes)
+        return self.fc2(self.fc1(x).map(self.act))
 
 
 class SwiGLUFFN(nn.Module):
@@ -116,11 +111,9 @@ class SwiGLUFFN(nn.Module):
         self.w12 = make_linear(dim, 2 * hidden, bias, "ffn_in" in specialized)
         self.w3 = make_linear(hidden, dim, bias, "ffn_out" in specialized)
 
-    def forward(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
+    def forward(self, x: Streams) -> Streams:
         """Joint or per-stream output, as `Attention.forward`."""
-        sizes = _sizes(streams)
-        hidden = [_swiglu(h) for h in apply_sublayer(self.w12, streams, routes, sizes)]
-        return apply_sublayer(self.w3, hidden, routes, sizes)
+        return self.w3(self.w12(x).map(_swiglu))
 
 
 def _swiglu(x: Tensor) -> Tensor:
@@ -137,36 +130,37 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def drop_path(branches: list[Tensor], drop_prob: float, training: bool) -> list[Tensor]:
+def drop_path(branch: Streams, drop_prob: float, training: bool) -> Streams:
     """Per-sample stochastic depth, one draw per image shared by all of its streams,
     rescaled so the expectation is unchanged. The mask is scaled before it multiplies, as
     in DINOv2: the same rounding, and one pass over each branch instead of two."""
     if not training or drop_prob == 0.0:
-        return branches
+        return branch
     keep = 1.0 - drop_prob
-    first = branches[0]
+    first = branch.parts[0]
     mask = first.new_empty((first.shape[0],) + (1,) * (first.dim() - 1)).bernoulli_(keep)
     mask.div_(keep)
-    return [branch * mask for branch in branches]
+    return branch.map(lambda part: part * mask)
 
 
-Residual = Callable[[list[Tensor], list[Route]], list[Tensor]]
+Residual = Callable[[Streams], Streams]
 
 # DINOv2's Block.forward (one sequence) takes the batch subset above this drop rate
 SUBSET_ABOVE = 0.1
 
 
-def add_residual_on_subset(
-    streams: list[Tensor], routes: list[Route], residual: Residual, drop_ratio: float
-) -> list[Tensor]:
+def add_residual_on_subset(x: Streams, residual: Residual, drop_ratio: float) -> Streams:
     """DINOv2's stochastic depth for high drop rates: compute the branch only on the kept
     samples (saving their compute) and scale it by batch / kept."""
-    b = streams[0].shape[0]
+    b = x.parts[0].shape[0]
     keep = max(int(b * (1 - drop_ratio)), 1)
-    index = torch.randperm(b, device=streams[0].device)[:keep]
-    branches = residual([x[index] for x in streams], [select_rows(r, index) for r in routes])
+    index = torch.randperm(b, device=x.parts[0].device)[:keep]
+    branch = residual(x.map(lambda part: part[index])).split()
     scale = b / keep
-    return [_add_rows(x, index, branch, scale) for x, branch in zip(streams, branches, strict=True)]
+    added = (
+        _add_rows(part, index, rows, scale) for part, rows in zip(x.parts, branch, strict=True)
+    )
+    return Streams(tuple(added), x.sizes)
 
 
 def _add_rows(x: Tensor, index: Tensor, rows: Tensor, scale: float) -> Tensor:
@@ -190,11 +184,8 @@ class Block(nn.Module):
         ffn_layer: str,
         attn_backend: str,
         specialized: frozenset[str] = frozenset(),
-        num_prefix_tokens: int = 1,
     ) -> None:
         super().__init__()
-        self.specialized = specialized
-        self.num_prefix_tokens = num_prefix_tokens
         self.norm1 = make_norm(dim, "norm1" in specialized)
         self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, attn_backend, specialized)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
@@ -204,60 +195,34 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.sample_drop_ratio = drop_path
 
-    def attn_residual(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
-        normed = [apply_layer(self.norm1, x, r) for x, r in zip(streams, routes, strict=True)]
-        return split([self.ls1(out) for out in self.attn(normed, routes)], _sizes(streams))
+    def attn_residual(self, x: Streams) -> Streams:
+        return self.attn(self.norm1(x)).map(self.ls1).as_split()
 
-    def ffn_residual(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
-        normed = [apply_layer(self.norm2, x, r) for x, r in zip(streams, routes, strict=True)]
-        return split([self.ls2(out) for out in self.mlp(normed, routes)], _sizes(streams))
+    def ffn_residual(self, x: Streams) -> Streams:
+        return self.mlp(self.norm2(x)).map(self.ls2).as_split()
 
-    def forward_streams(self, streams: list[Tensor], routes: list[Route]) -> list[Tensor]:
-        """The block on a sequence held as streams (see dinospec.models.tokens). In training,
-        DINOv2's `Block.forward` takes the batch subset only above a drop rate of 0.1 (below
-        it the saved compute does not pay for the indexing) and masks samples otherwise."""
+    def _forward_one(self, x: Streams) -> Streams:
+        """DINOv2's `Block.forward` (one sequence): the batch subset only above a drop rate
+        of 0.1 (below it the saved compute does not pay for the indexing), a per-sample
+        mask otherwise."""
         ratio = self.sample_drop_ratio
         if self.training and ratio > SUBSET_ABOVE:
-            streams = add_residual_on_subset(streams, routes, self.attn_residual, ratio)
-            return add_residual_on_subset(streams, routes, self.ffn_residual, ratio)
+            x = add_residual_on_subset(x, self.attn_residual, ratio)
+            return add_residual_on_subset(x, self.ffn_residual, ratio)
         for residual in (self.attn_residual, self.ffn_residual):
-            branches = drop_path(residual(streams, routes), ratio, self.training)
-            streams = [x + br for x, br in zip(streams, branches, strict=True)]
-        return streams
+            x = x.add(drop_path(residual(x), ratio, self.training))
+        return x
 
-    def forward_crop_sizes(
-        self, groups: list[list[Tensor]], routes: list[list[Route]]
-    ) -> list[list[Tensor]]:
-        """The block on every crop size at once, DINOv2's nested call (`forward_nested`),
-        which is the path its student takes in training: there any positive drop rate takes
-        the batch subset, drawn per crop size, for attention on every size before the FFN."""
+    def forward(self, crops: list[Streams], multi_crop: bool = False) -> list[Streams]:
+        """The block on the tokens of every crop size in one call (through `__call__`, so
+        FSDP's hooks gather a sharded block's parameters once for all of them).
+        `multi_crop` is DINOv2's nested call (`forward_nested`), the student's path in
+        training: there any positive drop rate takes the batch subset, drawn per crop
+        size, for attention on every size before the FFN; otherwise each crop size runs as
+        DINOv2's `Block.forward` runs one sequence."""
         ratio = self.sample_drop_ratio
-        if not (self.training and ratio > 0.0):
-            return [self.forward_streams(s, r) for s, r in zip(groups, routes, strict=True)]
+        if not (multi_crop and self.training and ratio > 0.0):
+            return [self._forward_one(x) for x in crops]
         for residual in (self.attn_residual, self.ffn_residual):
-            groups = [
-                add_residual_on_subset(s, r, residual, ratio)
-                for s, r in zip(groups, routes, strict=True)
-            ]
-        return groups
-
-    def forward(
-        self,
-        x: Tensor | list[Tensor] | list[list[Tensor]],
-        route: Route | list[Route] | list[list[Route]] = None,
-    ) -> Tensor | list[Tensor] | list[list[Tensor]]:
-        """Streams in, streams out, as the backbone calls it (through `__call__`, so FSDP's
-        hooks gather the block's parameters). A list of stream lists (one per crop size, with
-        a list of routes each) runs every crop size in this one call, so a sharded block is
-        gathered once for all of them. A plain tensor, as DINOv2 code passes it, is routed by
-        `route`; a specialized block given no route treats the first `num_prefix_tokens`
-        tokens of every row as the prefix stream."""
-        if isinstance(x, list) and x and isinstance(x[0], list):
-            return self.forward_crop_sizes(x, route)
-        if isinstance(x, list):
-            return self.forward_streams(x, route)
-        if route is None and self.specialized:
-            n = self.num_prefix_tokens
-            streams = [x[:, :n].contiguous(), x[:, n:].contiguous()]
-            return torch.cat(self.forward_streams(streams, [PREFIX, PATCH]), dim=1)
-        return self.forward_streams([x], [route])[0]
+            crops = [add_residual_on_subset(x, residual, ratio) for x in crops]
+        return crops

@@ -1,30 +1,27 @@
 """DINOv2-compatible Vision Transformer with optional [CLS]/patch layer specialization.
 
-Constructor arguments, attribute names, state-dict keys and outputs follow DINOv2, so code
-written for a DINOv2 backbone (and official checkpoints) run unchanged on this one.
+Attribute names, state-dict keys and outputs follow DINOv2, so code written for a DINOv2
+backbone (and official checkpoints) run unchanged on this one; the constructor takes a
+`ModelConfig`, whose fields are DINOv2's constructor arguments.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from dinospec.config import ModelConfig, SpecializeConfig, model_problems
+from dinospec.config import ModelConfig, model_problems
 from dinospec.models.layers import Block, PatchEmbed
-from dinospec.models.specialize import (
-    SpecializationPlan,
-    SpecializedLayerNorm,
-    SpecializedLinear,
-    apply_layer,
-    make_norm,
-)
-from dinospec.models.tokens import PATCH, PREFIX, Route, join
+from dinospec.models.specialize import SpecializationPlan
+from dinospec.models.streams import Streams
+from dinospec.models.sublayers import SpecializedLayerNorm, SpecializedLinear, make_norm
 
 
 def drop_path_rates(rate: float, depth: int, uniform: bool) -> list[float]:
@@ -38,104 +35,56 @@ def drop_path_rates(rate: float, depth: int, uniform: bool) -> list[float]:
 
 
 class DinoVisionTransformer(nn.Module):
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        ffn_bias: bool = True,
-        proj_bias: bool = True,
-        drop_path_rate: float = 0.0,
-        drop_path_uniform: bool = False,
-        init_values: float | None = None,
-        ffn_layer: str = "mlp",
-        block_chunks: int = 0,
-        num_register_tokens: int = 0,
-        interpolate_antialias: bool = False,
-        interpolate_offset: float = 0.1,
-        specialize: SpecializeConfig | dict | None = None,
-        attn_backend: str = "sdpa",
-    ) -> None:
+    def __init__(self, config: ModelConfig) -> None:
+        """The backbone `config` describes; it is checked first (every impossible value
+        named), and kept as `self.config`, which is what files record and loaders check."""
         super().__init__()
-        if block_chunks:
-            raise ValueError(
-                f"block_chunks={block_chunks}: chunked blocks (FSDP1 wrap groups) are not "
-                "supported; dinospec shards every block with FSDP2. Checkpoints saved with "
-                "chunks load into an unchunked model (see load_backbone)."
-            )
-        if isinstance(specialize, dict):
-            specialize = SpecializeConfig(**specialize)
-        self.config = ModelConfig(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            proj_bias=proj_bias,
-            ffn_bias=ffn_bias,
-            ffn_layer=ffn_layer,
-            drop_path_rate=drop_path_rate,
-            drop_path_uniform=drop_path_uniform,
-            init_values=init_values,
-            num_register_tokens=num_register_tokens,
-            interpolate_antialias=interpolate_antialias,
-            interpolate_offset=interpolate_offset,
-            attn_backend=attn_backend,
-            specialize=specialize or SpecializeConfig(),
-        )
-        problems = model_problems(self.config)
+        problems = model_problems(config)
         if problems:
             raise ValueError("; ".join(f"{k}={v!r}: {p}" for k, v, p in problems))
-        self.plan = SpecializationPlan.build(self.config.specialize, depth)
+        self.config = replace(config)
+        self.plan = SpecializationPlan.build(config.specialize, config.depth)
 
-        self.num_features = self.embed_dim = embed_dim
+        c = self.config
+        self.num_features = self.embed_dim = c.embed_dim
         self.num_tokens = 1
-        self.n_blocks = depth
-        self.num_heads = num_heads
-        self.patch_size = patch_size
-        self.num_register_tokens = num_register_tokens
-        self.interpolate_antialias = interpolate_antialias
-        self.interpolate_offset = interpolate_offset
+        self.n_blocks = c.depth
+        self.num_heads = c.num_heads
+        self.patch_size = c.patch_size
+        self.num_register_tokens = c.num_register_tokens
+        self.interpolate_antialias = c.interpolate_antialias
+        self.interpolate_offset = c.interpolate_offset
         self.chunked_blocks = False
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        num_patches = (img_size // patch_size) ** 2
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_tokens, embed_dim))
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
+        num_patches = (c.img_size // c.patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_tokens, c.embed_dim))
         self.register_tokens = (
-            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
-            if num_register_tokens
+            nn.Parameter(torch.zeros(1, c.num_register_tokens, c.embed_dim))
+            if c.num_register_tokens
             else None
         )
-        rates = drop_path_rates(drop_path_rate, depth, drop_path_uniform)
+        rates = drop_path_rates(c.drop_path_rate, c.depth, c.drop_path_uniform)
         self.blocks = nn.ModuleList(
             Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio,
-                qkv_bias,
-                proj_bias,
-                ffn_bias,
-                rates[i],
-                init_values,
-                ffn_layer,
-                attn_backend,
-                self.plan.per_block[i],
-                self.plan.num_prefix_path_tokens(num_register_tokens),
+                dim=c.embed_dim,
+                num_heads=c.num_heads,
+                mlp_ratio=c.mlp_ratio,
+                qkv_bias=c.qkv_bias,
+                proj_bias=c.proj_bias,
+                ffn_bias=c.ffn_bias,
+                drop_path=rates[i],
+                init_values=c.init_values,
+                ffn_layer=c.ffn_layer,
+                attn_backend=c.attn_backend,
+                specialized=self.plan.per_block[i],
             )
-            for i in range(depth)
+            for i in range(c.depth)
         )
-        self.norm = make_norm(embed_dim, self.plan.final_norm)
+        self.norm = make_norm(c.embed_dim, self.plan.final_norm)
         self.head = nn.Identity()
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, c.embed_dim))
         self.init_weights()
 
     @property
@@ -202,25 +151,36 @@ class DinoVisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]], dim=1)
         return x
 
-    def split_streams(self, x: Tensor) -> tuple[list[Tensor], list[Route]]:
-        """A prepared sequence as the streams the blocks run on: one shared stream for a
-        vanilla model, prefix and patch streams for a specialized one."""
-        if not self.is_specialized:
-            return [x], [None]
+    def streams_of(self, x: Tensor) -> Streams:
+        """A prepared sequence as the blocks carry it: one stream for a vanilla model,
+        prefix and patch streams for a specialized one."""
         n = self.plan.num_prefix_path_tokens(self.num_register_tokens)
-        return [x[:, :n].contiguous(), x[:, n:].contiguous()], [PREFIX, PATCH]
+        return Streams.of_sequence(x, n if self.is_specialized else 0)
 
-    def _normed(self, streams: list[Tensor], routes: list[Route]) -> Tensor:
-        return join([apply_layer(self.norm, x, r) for x, r in zip(streams, routes, strict=True)])
+    def register_norm_hook(
+        self, name: str, hook: Callable[[Tensor, Tensor], None]
+    ) -> RemovableHandle:
+        """Call `hook(input, output)` every time the norm `name` ("blocks.3.norm1",
+        "blocks.3.norm2", "norm") runs, with whole sequences: (B, N, D) tensors holding
+        [CLS], the registers and the patches in that order, whatever streams carry them.
+        This is the model's hook point for analysis (dinospec.analysis.tokens)."""
+        module = self.get_submodule(name)
+        if not isinstance(module, nn.LayerNorm):
+            raise ValueError(f"{name} is a {type(module).__name__}, not a norm of the backbone")
 
-    def _outputs(self, streams: list[Tensor], routes: list[Route], masks: Tensor | None) -> dict:
-        x_norm = self._normed(streams, routes)
+        def on_forward(module: nn.Module, args: tuple[Streams], output: Streams) -> None:
+            hook(args[0].joined(), output.joined())
+
+        return module.register_forward_hook(on_forward)
+
+    def _outputs(self, x: Streams, masks: Tensor | None) -> dict:
+        x_norm = self.norm(x).joined()
         r = self.num_register_tokens
         return {
             "x_norm_clstoken": x_norm[:, 0],
             "x_norm_regtokens": x_norm[:, 1 : r + 1],
             "x_norm_patchtokens": x_norm[:, r + 1 :],
-            "x_prenorm": join(streams),
+            "x_prenorm": x.joined(),
             "masks": masks,
         }
 
@@ -230,15 +190,13 @@ class DinoVisionTransformer(nn.Module):
         """Multi-crop: each element is a batch of same-size crops, run at its own size (no
         padding); all sizes share each block call so a sharded block is gathered once per
         step, not once per crop size."""
-        prepared = [
-            self.split_streams(self.prepare_tokens_with_masks(x, m))
+        crops = [
+            self.streams_of(self.prepare_tokens_with_masks(x, m))
             for x, m in zip(x_list, masks_list, strict=True)
         ]
-        groups = [s for s, _ in prepared]
-        routes = [r for _, r in prepared]
         for blk in self.blocks:
-            groups = blk(groups, routes)
-        return [self._outputs(s, r, m) for s, r, m in zip(groups, routes, masks_list, strict=True)]
+            crops = blk(crops, multi_crop=True)
+        return [self._outputs(x, m) for x, m in zip(crops, masks_list, strict=True)]
 
     def forward_features(
         self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None
@@ -246,22 +204,22 @@ class DinoVisionTransformer(nn.Module):
         if isinstance(x, (list, tuple)):
             masks_list = masks if masks is not None else [None] * len(x)
             return self.forward_features_list(x, masks_list)
-        streams, routes = self.split_streams(self.prepare_tokens_with_masks(x, masks))
+        crops = [self.streams_of(self.prepare_tokens_with_masks(x, masks))]
         for blk in self.blocks:
-            streams = blk(streams, routes)
-        return self._outputs(streams, routes, masks)
+            crops = blk(crops)
+        return self._outputs(crops[0], masks)
 
     def _intermediate(self, x: Tensor, n: int | Sequence[int], norm: bool) -> list[Tensor]:
-        streams, routes = self.split_streams(self.prepare_tokens_with_masks(x))
+        crops = [self.streams_of(self.prepare_tokens_with_masks(x))]
         depth = len(self.blocks)
         take = set(range(depth - n, depth)) if isinstance(n, int) else set(n)
         if not take <= set(range(depth)):
             raise ValueError(f"requested blocks {sorted(take)} but the model has {depth}")
         outputs = []
         for i, blk in enumerate(self.blocks):
-            streams = blk(streams, routes)
+            crops = blk(crops)
             if i in take:
-                outputs.append(self._normed(streams, routes) if norm else join(streams))
+                outputs.append(self.norm(crops[0]).joined() if norm else crops[0].joined())
         return outputs
 
     def get_intermediate_layers(
@@ -293,6 +251,4 @@ class DinoVisionTransformer(nn.Module):
 
 def build_backbone(config: ModelConfig) -> DinoVisionTransformer:
     """The model a config describes (the inverse of `model.config`)."""
-    kwargs = asdict(config)
-    kwargs["specialize"] = SpecializeConfig(**kwargs["specialize"])
-    return DinoVisionTransformer(**kwargs)
+    return DinoVisionTransformer(config)
