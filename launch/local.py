@@ -31,7 +31,7 @@ from dinospec.run.lock import RunDirLocked, lock_run_dir
 from dinospec.train.signals import ACTIONS
 from launch.cli import LaunchError, job_parser, load_checked, split_job_type
 from launch.jobs import JobType
-from launch.rundir import record_submission, resume_message, write_config
+from launch.submissions import record_submission, resume_message, write_config
 
 PROG = "python -m launch.local"
 

@@ -25,7 +25,7 @@ from dinospec.run.layout import RunDir
 from dinospec.run.lock import holder, locked_message
 from launch.cli import LaunchError, job_parser, load_checked, split_job_type
 from launch.jobs import JobType
-from launch.rundir import read_job_file, record_submission, resume_message, write_config
+from launch.submissions import read_job_file, record_submission, resume_message, write_config
 
 PROG = "python -m launch.submit"
 SLURM_OPTIONS = ("partition", "account", "qos", "constraint", "exclude", "comment")

@@ -22,7 +22,7 @@ from launch import local, submit
 from launch.cli import LaunchError, split_job_type
 from launch.jobs import JOB_TYPES, TrainJobType
 from launch.preemption import REQUEUE, StopRequest
-from launch.rundir import read_job_file, record_submission, resume_message
+from launch.submissions import read_job_file, record_submission, resume_message
 from launch.train_job import TrainJob
 
 TRAIN = JOB_TYPES["train"]

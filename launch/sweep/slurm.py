@@ -16,7 +16,7 @@ from typing import Any
 from dinospec.run.layout import RunDir
 from dinospec.run.lock import RunDirLocked, lock_run_dir
 from launch.jobs import JOB_TYPES
-from launch.rundir import read_job_file, record_submission
+from launch.submissions import read_job_file, record_submission
 from launch.submit import (
     SLURM_OPTIONS,
     active_jobs,

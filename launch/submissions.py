@@ -1,5 +1,6 @@
-"""The run directory as the launchers see it: resolved config, `job.json` (every
-submission with its job id), and whether a new submission starts or resumes the run."""
+"""What the launchers record in a run directory: the resolved config and `job.json` (every
+submission with its job id), and whether a new submission starts or resumes the run. The
+file names come from dinospec.run.layout.RunDir."""
 
 from __future__ import annotations
 
