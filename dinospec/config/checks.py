@@ -35,6 +35,7 @@ from dinospec.config.values import (
     UNIT,
     Allowed,
     Pair,
+    Range,
     range_problems,
 )
 
@@ -107,6 +108,10 @@ TRAINING_RANGES: dict[str, Allowed] = {
     "train.keep_last": COUNT,
     "train.max_nonfinite_skips": NON_NEGATIVE,
     "train.max_iterations": COUNT,  # null: the whole schedule; 0 would be ambiguous
+    "gram.loss_weight": NON_NEGATIVE,
+    "gram.start_iteration": NON_NEGATIVE,
+    "gram.refresh_every": NON_NEGATIVE,
+    "gram.upscale": Range(1),
 }
 """Allowed values of every numeric key of Config outside `model`."""
 
@@ -178,6 +183,7 @@ CENTERINGS = ("softmax", "sinkhorn_knopp")
 MASK_STRATIFICATIONS = ("rank", "global")
 COMPILE_MODES = ("auto", "on", "off")
 PRECISIONS = ("auto", "bf16", "fp32")
+GRAM_CLIPS = ("none", "teacher", "both")
 
 
 def compile_mode(value: str) -> str | None:
@@ -214,10 +220,31 @@ def training_problems(c: Config) -> list[tuple[str, Any, str]]:
         out.append(
             ("optim.warmup_epochs", c.optim.warmup_epochs, f"exceeds optim.epochs={c.optim.epochs}")
         )
+    out += gram_problems(c)
     warmups = c.optim.head_warmup_epochs + c.optim.backbone_warmup_epochs
     if c.train.pretrained_weights and warmups > c.optim.epochs:
         message = f"+ optim.backbone_warmup_epochs exceeds optim.epochs={c.optim.epochs}"
         out.append(("optim.head_warmup_epochs", c.optim.head_warmup_epochs, message))
+    return out
+
+
+def gram_problems(c: Config) -> list[tuple[str, Any, str]]:
+    """A Gram teacher is a snapshot of a trained teacher: taken at iteration 0 of a run
+    that starts from a random init it would anchor the student to noise."""
+    g = c.gram
+    out = []
+    if g.clip_negative not in GRAM_CLIPS:
+        out.append(("gram.clip_negative", g.clip_negative, f"must be one of {list(GRAM_CLIPS)}"))
+    if g.loss_weight > 0 and g.start_iteration == 0 and not c.train.pretrained_weights:
+        out.append(
+            (
+                "gram.start_iteration",
+                0,
+                "would make the Gram teacher a snapshot of the random initialization: start it "
+                "once the run has trained (DINOv3: after 1M iterations), or start this run from "
+                "trained weights (train.pretrained_weights, e.g. an earlier run's directory)",
+            )
+        )
     return out
 
 

@@ -188,6 +188,23 @@ class TrainConfig:
 
 
 @dataclass
+class GramConfig:
+    # Gram anchoring (DINOv3, section 4), off while loss_weight is 0: the student's patch
+    # similarities within each global crop are pulled towards those of a Gram teacher, a
+    # snapshot of the EMA teacher taken at start_iteration and retaken every refresh_every
+    # iterations (0: never); DINOv3 starts it after 1M iterations and refreshes every 10k.
+    # upscale 2 feeds the Gram teacher the global crops upsampled 2x and brings
+    # its feature map back to the student's grid (DINOv3's high-resolution Gram teacher
+    # renders the crop at 2x from the image instead). clip_negative sets negative
+    # similarities to 0 in the Gram teacher's matrix or in both (none, teacher, both).
+    loss_weight: float = 0.0
+    start_iteration: int = 0
+    refresh_every: int = 0
+    upscale: float = 1.0
+    clip_negative: str = "none"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -197,3 +214,4 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    gram: GramConfig = field(default_factory=GramConfig)

@@ -130,6 +130,9 @@ class Trainer:
                 for name, head in part.items():
                     if name != "backbone":
                         shard_model(head, [], bf16)
+            if self.model.gram_teacher is not None:
+                gram_backbone = self.model.gram_teacher.backbone
+                shard_model(gram_backbone, gram_backbone.blocks, bf16)
         o = config.optim
         self.optimizer = torch.optim.AdamW(
             param_groups(
@@ -144,15 +147,16 @@ class Trainer:
         self.total = o.epochs * config.train.epoch_length
         self.stop = min(n for n in (self.total, config.train.max_iterations) if n is not None)
         self.progress = Progress()
-        self.state = TrainingState(
-            {
-                "student": ModelPart(self.model.student),
-                "teacher": ModelPart(self.model.teacher),
-                "optimizer": OptimizerPart(self.model.student, self.optimizer),
-                "losses": LossCenters(self.model.dino_loss, self.model.ibot_loss),
-                "progress": self.progress,
-            }
-        )
+        parts = {
+            "student": ModelPart(self.model.student),
+            "teacher": ModelPart(self.model.teacher),
+            "optimizer": OptimizerPart(self.model.student, self.optimizer),
+            "losses": LossCenters(self.model.dino_loss, self.model.ibot_loss),
+            "progress": self.progress,
+        }
+        if self.model.gram_teacher is not None:
+            parts["gram_teacher"] = ModelPart(self.model.gram_teacher)
+        self.state = TrainingState(parts)
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
@@ -190,12 +194,17 @@ class Trainer:
             write_export(state, self.config.model, self.layout, iteration)
 
     def step(
-        self, batch: dict[str, Any], values: dict[str, float], frozen_backbone: bool = False
+        self,
+        batch: dict[str, Any],
+        values: dict[str, float],
+        frozen_backbone: bool = False,
+        gram: bool = False,
     ) -> StepResult:
         """One optimization step. A non-finite loss term skips the update on every rank
         (the flag is reduced), before anything (weights, centers) has changed. With
         `frozen_backbone` (the head warm-up) only the heads and centres change: the
-        student backbone gets no gradient and the teacher's backbone no EMA update.
+        student backbone gets no gradient and the teacher's backbone no EMA update. With
+        `gram` the Gram anchoring term joins the loss.
 
         The host waits for the device once per step, after the backward pass is queued
         (the finiteness flags and the logged loss terms travel together), so the GPU is not
@@ -205,7 +214,7 @@ class Trainer:
         model, device, dtype = self.model, self.info.device, self.autocast_dtype
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
-            targets = model.teacher_targets(batch, values["teacher_temp"])
+            targets = model.teacher_targets(batch, values["teacher_temp"], gram)
             terms, student_cls = model.losses(batch, targets, not frozen_backbone)
         sum(terms.values()).backward()
         finite, means = _reduced_flags_and_means(list(terms.values()))
@@ -258,7 +267,8 @@ class Trainer:
             window.data_time += time.perf_counter() - t0
             if batch["step"] != iteration:
                 raise RuntimeError(f"data stream at step {batch['step']}, training at {iteration}")
-            result = self.step(batch, values, self.schedules.backbone_frozen(iteration))
+            frozen = self.schedules.backbone_frozen(iteration)
+            result = self.step(batch, values, frozen, self.gram_step(iteration))
             window.iterations += 1
             if result.nonfinite:
                 nonfinite_since = iteration if nonfinite_since is None else nonfinite_since
@@ -272,6 +282,18 @@ class Trainer:
                 window = LogWindow()
             if done % cfg.checkpoint_every == 0 or done == self.stop:
                 self.checkpoint(done)
+
+    def gram_step(self, iteration: int) -> bool:
+        """Whether this iteration has the Gram anchoring term, after snapshotting the EMA
+        teacher into the Gram teacher when one is due. Runs after `before_step`, so a
+        checkpoint written there holds the snapshot the step before it used."""
+        gram_teacher = self.model.gram_teacher
+        if gram_teacher is None or not gram_teacher.active(iteration):
+            return False
+        if gram_teacher.due(iteration):
+            gram_teacher.refresh(self.model.teacher.backbone, iteration)
+            self._log(f"iteration {iteration}: Gram teacher <- EMA teacher")
+        return True
 
     def before_step(self, iteration: int) -> None:
         """Called before each iteration, when the state is exactly what a checkpoint at

@@ -14,8 +14,10 @@ from torch import Tensor, nn
 
 from dinospec.config import Config
 from dinospec.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from dinospec.losses.gram import gram_anchoring_loss
 from dinospec.models import build_backbone
 from dinospec.models.heads import DINOHead
+from dinospec.train.gram_teacher import GramTeacher
 
 N_GLOBAL = 2
 
@@ -27,7 +29,8 @@ def _head(in_dim: int, c: Any) -> DINOHead:
 
 
 class SSLModel(nn.Module):
-    """DINO [CLS] loss + iBOT masked-patch loss + KoLeo, student against EMA teacher.
+    """DINO [CLS] loss + iBOT masked-patch loss + KoLeo, student against EMA teacher, and
+    with `gram.loss_weight` > 0 Gram anchoring against a snapshot of the teacher.
 
     The teacher starts as a copy of the student (no stochastic depth, eval mode), is never
     given gradients, and is updated only by `dinospec.train.ema.ema_update`.
@@ -57,10 +60,18 @@ class SSLModel(nn.Module):
         )
         self.ibot_loss = IBOTPatchLoss(ibot_dim)
         self.koleo_loss = KoLeoLoss()
+        g = config.gram
+        self.gram_teacher = (
+            GramTeacher(teacher_backbone, g.start_iteration, g.refresh_every, g.upscale)
+            if g.loss_weight > 0
+            else None
+        )
 
     def train(self, mode: bool = True) -> SSLModel:
         super().train(mode)
         self.teacher.eval()
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
         return self
 
     @property
@@ -68,8 +79,11 @@ class SSLModel(nn.Module):
         return "ibot_head" if self.config.ibot.separate_head else "dino_head"
 
     @torch.no_grad()
-    def teacher_targets(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, Tensor]:
-        """Teacher outputs on the global crops, turned into soft targets."""
+    def teacher_targets(
+        self, batch: dict[str, Any], teacher_temp: float, gram: bool = False
+    ) -> dict[str, Tensor]:
+        """Teacher outputs on the global crops, turned into soft targets; with `gram`, the
+        Gram teacher's patch features of the same crops too."""
         out = self.teacher.backbone(batch["collated_global_crops"], is_training=True)
         cls = out["x_norm_clstoken"].chunk(N_GLOBAL)
         swapped = torch.cat([cls[1], cls[0]])  # student view i is matched with teacher view j != i
@@ -84,11 +98,16 @@ class SSLModel(nn.Module):
         else:
             cls_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             patch_targets = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
-        return {
+        targets = {
             **statistics,
             "cls_targets": cls_targets.chunk(N_GLOBAL),
             "patch_targets": patch_targets,
         }
+        if gram:
+            targets["gram_patches"] = self.gram_teacher.patch_tokens(
+                batch["collated_global_crops"], self.config.model.patch_size
+            )
+        return targets
 
     def _teacher_heads(self, cls: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
         """With one head for both objectives, [CLS] and masked patches go through it in one
@@ -156,6 +175,12 @@ class SSLModel(nn.Module):
         if n_local:
             local_loss = self.dino_loss(list(local_logits.chunk(n_local)), list(teacher_cls))
             terms["dino_local"] = dino_w * local_loss / n_terms
+        if "gram_patches" in targets:
+            terms["gram"] = self.config.gram.loss_weight * gram_anchoring_loss(
+                global_out["x_norm_patchtokens"],
+                targets["gram_patches"],
+                self.config.gram.clip_negative,
+            )
         return terms, student_cls.detach()
 
     @torch.no_grad()
