@@ -35,6 +35,7 @@ from dinospec.data.transforms import normalize, to_uint8_image
 from dinospec.models.vit import DinoVisionTransformer
 from dinospec.run.exports import load_frozen_backbone
 from dinospec.run.layout import RunDir, is_export
+from dinospec.train.phases import phase_chain
 
 SYNTHETIC = "synthetic"
 
@@ -204,12 +205,31 @@ def metrics_file(run: str | Path) -> Path:
     return RunDir(run).metrics if run.is_dir() else run
 
 
+def run_metrics(run: str | Path) -> tuple[list[dict], list[int]]:
+    """A run's metrics on the overall iteration axis of its phase chain (earlier phases
+    first, each shifted by the ends of those before it) and the iterations where its
+    later phases start; a metrics file, or a run that is no phase, as it is."""
+    run = Path(run)
+    if not (run.is_dir() and RunDir(run).config.is_file()):
+        return read_metrics(metrics_file(run)), []
+    records: list[dict] = []
+    starts: list[int] = []
+    offset = 0
+    for directory, end in phase_chain(run):
+        if records:
+            starts.append(offset)
+        shifted = read_metrics(RunDir(directory).metrics)
+        records += [{**r, "iteration": r["iteration"] + offset} for r in shifted]
+        offset += end
+    return records, starts
+
+
 def _plot_metrics(args: argparse.Namespace) -> None:
     labels = run_labels(args.runs, args.labels)
-    runs = {
-        label: read_metrics(metrics_file(r)) for label, r in zip(labels, args.runs, strict=True)
-    }
-    print(save_figure(metrics_figure(runs), args.out))
+    read = {label: run_metrics(r) for label, r in zip(labels, args.runs, strict=True)}
+    runs = {label: records for label, (records, _) in read.items()}
+    starts = {label: phase_starts for label, (_, phase_starts) in read.items()}
+    print(save_figure(metrics_figure(runs, starts), args.out))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -44,6 +44,7 @@ METRIC_TITLES = {
     "loss_dino_local": "DINO loss, local crops",
     "loss_koleo": "KoLeo loss",
     "loss_ibot": "iBOT loss",
+    "loss_gram": "Gram anchoring loss",
     "lr": "learning rate",
     "wd": "weight decay",
     "momentum": "teacher momentum",
@@ -224,8 +225,12 @@ def pca_grid_figure(images: Tensor, rgb: Tensor, columns: int = 4) -> Figure:
     return fig
 
 
-def metrics_figure(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> Figure:
-    """One panel per known metric present in any run, one line per run."""
+def metrics_figure(
+    runs: Mapping[str, Sequence[Mapping[str, float]]],
+    phase_starts: Mapping[str, Sequence[int]] | None = None,
+) -> Figure:
+    """One panel per known metric present in any run, one line per run; a dashed line
+    where a run's next phase starts (`phase_starts`: overall iterations per run)."""
     keys = [k for k in METRIC_TITLES if any(k in r for records in runs.values() for r in records)]
     if not keys:
         raise ValueError(f"none of the known metrics {list(METRIC_TITLES)} is in these runs")
@@ -238,10 +243,17 @@ def metrics_figure(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> Figure:
             points = [(r["iteration"], r[key]) for r in records if key in r]
             if points:
                 x, y = zip(*points, strict=True)
-                ax.plot(x, y, label=label)
+                line = ax.plot(x, y, label=label)[0]
+                for start in (phase_starts or {}).get(label, ()):
+                    ax.axvline(start, color=line.get_color(), linestyle="--", linewidth=0.8)
         ax.set_title(METRIC_TITLES[key], fontsize=9)
         ax.set_xlabel("iteration")
         ax.set_ylabel(key)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Training curves")
+    switches = (
+        " (dashed: a new training phase starts)"
+        if phase_starts and any(phase_starts.values())
+        else ""
+    )
+    fig.suptitle(f"Training curves{switches}")
     return fig

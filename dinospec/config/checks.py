@@ -221,6 +221,9 @@ def training_problems(c: Config) -> list[tuple[str, Any, str]]:
             ("optim.warmup_epochs", c.optim.warmup_epochs, f"exceeds optim.epochs={c.optim.epochs}")
         )
     out += gram_problems(c)
+    if c.train.previous_phase and c.train.pretrained_weights:
+        message = "a run starts from train.pretrained_weights or from a previous phase, not both"
+        out.append(("train.previous_phase", c.train.previous_phase, message))
     warmups = c.optim.head_warmup_epochs + c.optim.backbone_warmup_epochs
     if c.train.pretrained_weights and warmups > c.optim.epochs:
         message = f"+ optim.backbone_warmup_epochs exceeds optim.epochs={c.optim.epochs}"

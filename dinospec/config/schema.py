@@ -185,6 +185,10 @@ class TrainConfig:
     # paths, same function). A run directory also gives its heads and centres; otherwise
     # the heads warm up alone first (optim.head_warmup_epochs).
     pretrained_weights: str | None = None
+    # A finished run directory this run continues as its next phase (e.g. DINOv2's short
+    # high-resolution phase): backbones, heads and centres from it, positions resized to
+    # model.img_size, a new optimizer; the metrics carry the phase and its overall offset.
+    previous_phase: str | None = None
 
 
 @dataclass

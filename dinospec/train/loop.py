@@ -50,6 +50,7 @@ from dinospec.train.metrics_log import (
     rewind_metrics,
 )
 from dinospec.train.optim import apply_schedule_values, param_groups
+from dinospec.train.phases import init_from_previous_phase
 from dinospec.train.pretrained import init_from_pretrained
 from dinospec.train.schedules import TrainingSchedules, dinov2_schedules
 from dinospec.train.signals import Interrupted, StopRequest
@@ -117,8 +118,10 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         model = SSLModel(config)
         self.pretrained = init_from_pretrained(model, config)
-        if self.pretrained is not None:
-            self._log(self.pretrained.describe())
+        self.phase = init_from_previous_phase(model, config)
+        for start in (self.pretrained, self.phase):
+            if start is not None:
+                self._log(start.describe())
         self.model = model.to(self.info.device)
         self.model.train()
         self.autocast_dtype = autocast_dtype(config.train.precision, self.info.device)
@@ -332,6 +335,13 @@ class Trainer:
                 f"written before the divergence: {good[-1] if good else 'none'}{moved}"
             )
 
+    def _phase_fields(self) -> dict[str, int]:
+        """A phase's records say which phase they belong to and where it starts on the
+        overall iteration axis; a run that is no phase carries neither."""
+        if self.phase is None:
+            return {}
+        return {"phase": self.phase.number, "phase_offset": self.phase.offset}
+
     def _write_metrics(
         self,
         iteration: int,
@@ -349,6 +359,7 @@ class Trainer:
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         record = {
             "iteration": iteration,
+            **self._phase_fields(),
             "loss": sum(losses.values()),
             "loss_window_mean": statistics.fmean(window.losses),
             **{f"loss_{k}": v for k, v in losses.items()},

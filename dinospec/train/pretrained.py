@@ -65,7 +65,7 @@ def init_from_pretrained(model: SSLModel, config: Config) -> PretrainedStart | N
     except (CheckpointError, FileNotFoundError) as err:
         raise CheckpointError(f"{KEY}={source}: {err}") from err
     model.teacher.backbone.load_state_dict(model.student.backbone.state_dict())
-    heads_from = _load_run_heads(model, Path(source)) if Path(source).is_dir() else None
+    heads_from = load_run_heads(model, Path(source), KEY) if Path(source).is_dir() else None
     heads = None if weights.architecture.knows_heads else config.model.num_heads
     return PretrainedStart(path, weights.layout, heads_from, heads)
 
@@ -85,9 +85,10 @@ def _heads_state(model: SSLModel) -> dict[str, dict[str, Tensor]]:
     } | {"losses": {"dino_center": model.dino_loss.center, "ibot_center": model.ibot_loss.center}}
 
 
-def _load_run_heads(model: SSLModel, run_dir: Path) -> Path | None:
+def load_run_heads(model: SSLModel, run_dir: Path, config_key: str) -> Path | None:
     """Heads and centres from the checkpoint of the exported teacher's iteration; None
-    when the run has no such checkpoint (the export is then used alone)."""
+    when the run has no such checkpoint (the export is then used alone). `config_key` is the
+    config key that named the run, for the error messages."""
     iteration = RunDir(run_dir).exported_iteration()
     if iteration is None:
         return None
@@ -106,7 +107,7 @@ def _load_run_heads(model: SSLModel, run_dir: Path) -> Path | None:
     ]
     if problems:
         raise CheckpointError(
-            f"{KEY}={run_dir}: the heads in {checkpoint} do not fit the config's (dino.*, "
+            f"{config_key}={run_dir}: the heads in {checkpoint} do not fit the config's (dino.*, "
             "ibot.* head sizes, ibot.separate_head); give the run's exported teacher file "
             "instead to start with new heads:\n  " + "\n  ".join(problems[:10])
         )
