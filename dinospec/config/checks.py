@@ -112,6 +112,7 @@ TRAINING_RANGES: dict[str, Allowed] = {
     "gram.start_iteration": NON_NEGATIVE,
     "gram.refresh_every": NON_NEGATIVE,
     "gram.upscale": Range(1),
+    "distill.teacher_num_heads": COUNT,
 }
 """Allowed values of every numeric key of Config outside `model`."""
 

@@ -209,6 +209,18 @@ class GramConfig:
 
 
 @dataclass
+class DistillConfig:
+    # A frozen teacher (a dinospec run directory, or a backbone file in any layout dinospec
+    # reads) whose DINO/iBOT targets train this config's model, a smaller student, as
+    # DINOv2 distilled ViT-S/B/L from ViT-g; the student's EMA is what gets exported. A run
+    # directory gives its heads and centres; a file has none, so its heads start random and
+    # stay frozen. teacher_num_heads: the teacher's attention heads when its file does not
+    # record them and it is no released DINOv2 size.
+    teacher: str | None = None
+    teacher_num_heads: int | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -219,3 +231,4 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gram: GramConfig = field(default_factory=GramConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)

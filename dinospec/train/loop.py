@@ -42,6 +42,7 @@ from dinospec.train.data import (
     derived_seed,
     to_device,
 )
+from dinospec.train.distill import init_distillation
 from dinospec.train.ema import ema_update
 from dinospec.train.metrics_log import (
     LogWindow,
@@ -119,7 +120,8 @@ class Trainer:
         model = SSLModel(config)
         self.pretrained = init_from_pretrained(model, config)
         self.phase = init_from_previous_phase(model, config)
-        for start in (self.pretrained, self.phase):
+        self.distill = init_distillation(model, config)
+        for start in (self.pretrained, self.phase, self.distill):
             if start is not None:
                 self._log(start.describe())
         self.model = model.to(self.info.device)
@@ -133,9 +135,9 @@ class Trainer:
                 for name, head in part.items():
                     if name != "backbone":
                         shard_model(head, [], bf16)
-            if self.model.gram_teacher is not None:
-                gram_backbone = self.model.gram_teacher.backbone
-                shard_model(gram_backbone, gram_backbone.blocks, bf16)
+            for frozen in (self.model.gram_teacher, self.model.distill_teacher):
+                if frozen is not None:
+                    shard_model(frozen.backbone, frozen.backbone.blocks, bf16)
         o = config.optim
         self.optimizer = torch.optim.AdamW(
             param_groups(

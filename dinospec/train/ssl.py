@@ -22,7 +22,7 @@ from dinospec.train.gram_teacher import GramTeacher
 N_GLOBAL = 2
 
 
-def _head(in_dim: int, c: Any) -> DINOHead:
+def build_head(in_dim: int, c: Any) -> DINOHead:
     return DINOHead(
         in_dim, c.head_n_prototypes, c.head_hidden_dim, c.head_bottleneck_dim, c.head_nlayers
     )
@@ -41,9 +41,9 @@ class SSLModel(nn.Module):
         self.config = config
         backbone = build_backbone(config.model)
         dim = backbone.embed_dim
-        student = {"backbone": backbone, "dino_head": _head(dim, config.dino)}
+        student = {"backbone": backbone, "dino_head": build_head(dim, config.dino)}
         if config.ibot.separate_head:
-            student["ibot_head"] = _head(dim, config.ibot)
+            student["ibot_head"] = build_head(dim, config.ibot)
         self.student = nn.ModuleDict(student)
         teacher_backbone = build_backbone(replace(config.model, drop_path_rate=0.0))
         self.teacher = nn.ModuleDict(
@@ -60,6 +60,7 @@ class SSLModel(nn.Module):
         )
         self.ibot_loss = IBOTPatchLoss(ibot_dim)
         self.koleo_loss = KoLeoLoss()
+        self.distill_teacher: nn.ModuleDict | None = None  # dinospec.train.distill sets it
         g = config.gram
         self.gram_teacher = (
             GramTeacher(teacher_backbone, g.start_iteration, g.refresh_every, g.upscale)
@@ -69,9 +70,9 @@ class SSLModel(nn.Module):
 
     def train(self, mode: bool = True) -> SSLModel:
         super().train(mode)
-        self.teacher.eval()
-        if self.gram_teacher is not None:
-            self.gram_teacher.eval()
+        for frozen in (self.teacher, self.gram_teacher, self.distill_teacher):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     @property
@@ -83,12 +84,14 @@ class SSLModel(nn.Module):
         self, batch: dict[str, Any], teacher_temp: float, gram: bool = False
     ) -> dict[str, Tensor]:
         """Teacher outputs on the global crops, turned into soft targets; with `gram`, the
-        Gram teacher's patch features of the same crops too."""
-        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True)
+        Gram teacher's patch features of the same crops too. The targets come from the
+        frozen teacher when distilling, otherwise from the EMA teacher."""
+        source = self.teacher if self.distill_teacher is None else self.distill_teacher
+        out = source.backbone(batch["collated_global_crops"], is_training=True)
         cls = out["x_norm_clstoken"].chunk(N_GLOBAL)
         swapped = torch.cat([cls[1], cls[0]])  # student view i is matched with teacher view j != i
         patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
-        cls_logits, patch_logits = self._teacher_heads(swapped, patches)
+        cls_logits, patch_logits = self._teacher_heads(source, swapped, patches)
         statistics = {}
         if self.config.train.centering == "softmax":
             cls_targets = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
@@ -109,13 +112,16 @@ class SSLModel(nn.Module):
             )
         return targets
 
-    def _teacher_heads(self, cls: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _teacher_heads(
+        source: nn.ModuleDict, cls: Tensor, patches: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """With one head for both objectives, [CLS] and masked patches go through it in one
         call, as in DINOv2's teacher pass: one weight normalization of the prototypes and
         one matrix product per layer instead of two."""
-        if self.config.ibot.separate_head:
-            return self.teacher.dino_head(cls), self.teacher.ibot_head(patches)
-        logits = self.teacher.dino_head(torch.cat([cls, patches]))
+        if "ibot_head" in source:
+            return source.dino_head(cls), source.ibot_head(patches)
+        logits = source.dino_head(torch.cat([cls, patches]))
         return logits.split([cls.shape[0], patches.shape[0]])
 
     def update_centers(self, targets: dict[str, Tensor]) -> None:
