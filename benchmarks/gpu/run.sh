@@ -48,3 +48,8 @@ timeout 60 python3 benchmarks/backbone_vs_reference.py --device cuda --dtype fp3
 # Kernels per step of the compiled blocks on CUDA, specialized against vanilla.
 timeout 60 python3 benchmarks/specialize_overhead.py --device cuda --compile --batch 64 \
     --rounds 5 2>&1 | tee "$OUT/specialize_overhead_cuda.txt"
+# DINOv3-era features (issue #24): a step with Gram anchoring (1x, 2x Gram teacher) and with
+# distillation from a 2x-wide frozen teacher, against the plain step, ViT-S/14 at 224 px.
+timeout 120 python3 benchmarks/dinov3_features.py --device cuda --size s --patch 14 --crop 224 \
+    --batch 32 --local-crops 8 --prototypes 65536 --rounds 5 2>&1 \
+    | tee "$OUT/dinov3_features.txt"
