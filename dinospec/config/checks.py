@@ -20,6 +20,7 @@ from dinospec.config.schema import (
     ATTN_BACKENDS,
     BLOCK_SUBLAYERS,
     FFN_LAYERS,
+    MULTI_CROP_ATTENTIONS,
     PREFIX_TOKENS,
     Config,
     DataConfig,
@@ -167,6 +168,9 @@ def model_problems(m: ModelConfig) -> list[tuple[str, Any, str]]:
         out.append(("ffn_layer", m.ffn_layer, f"must be one of {list(FFN_LAYERS)}"))
     if m.attn_backend not in ATTN_BACKENDS:
         out.append(("attn_backend", m.attn_backend, f"must be one of {list(ATTN_BACKENDS)}"))
+    if m.multi_crop_attention not in MULTI_CROP_ATTENTIONS:
+        allowed = list(MULTI_CROP_ATTENTIONS)
+        out.append(("multi_crop_attention", m.multi_crop_attention, f"must be one of {allowed}"))
     if m.specialize.tokens not in PREFIX_TOKENS:
         out.append(("specialize.tokens", m.specialize.tokens, f"must be one of {PREFIX_TOKENS}"))
     for name in BLOCK_SUBLAYERS:

@@ -10,6 +10,7 @@ from typing import Any
 
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 ATTN_BACKENDS = ("sdpa", "xformers")
+MULTI_CROP_ATTENTIONS = ("per_crop", "one_pass")
 PREFIX_TOKENS = ("cls+registers", "cls")
 BLOCK_SUBLAYERS = ("norm1", "qkv", "proj", "norm2", "ffn_in", "ffn_out")
 """The sublayers of a block that can be specialized, in forward order: each is selected
@@ -57,6 +58,12 @@ class ModelConfig:
     interpolate_antialias: bool = False
     interpolate_offset: float = 0.1
     attn_backend: str = "sdpa"
+    # How a multi-crop call (the student's, all crop sizes) runs: per_crop runs each crop
+    # size as its own batch; one_pass packs every crop into one sequence with block-diagonal
+    # attention (DINOv2's forward_nested; xformers' kernel with attn_backend=xformers, one
+    # SDPA call per crop size otherwise), fewer and larger kernels for GPUs. Same function
+    # and gradients up to float rounding (dinospec.models.one_pass).
+    multi_crop_attention: str = "per_crop"
     specialize: SpecializeConfig = field(default_factory=SpecializeConfig)
 
 

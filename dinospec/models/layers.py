@@ -15,6 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinospec.models.one_pass import (
+    OnePass,
+    add_rows,
+    block_diagonal_attention,
+    one_pass_block,
+    require_cuda,
+    subset_of,
+)
 from dinospec.models.streams import Streams
 from dinospec.models.sublayers import make_linear, make_norm
 
@@ -60,12 +68,17 @@ class Attention(nn.Module):
         self.qkv = make_linear(dim, 3 * dim, qkv_bias, "qkv" in specialized)
         self.proj = make_linear(dim, dim, proj_bias, "proj" in specialized)
 
-    def forward(self, x: Streams) -> Streams:
+    def forward(self, x: Streams, layout: OnePass | None = None) -> Streams:
         """Attention over the joined streams; the output is joint after a shared `proj`,
-        one tensor per stream after a specialized one."""
+        one tensor per stream after a specialized one. With a `layout`, `x` is a multi-crop
+        call packed into one sequence and attention is block-diagonal over its images."""
         qkv = self.qkv(x).joined()
         b, n, c3 = qkv.shape
         c = c3 // 3
+        if layout is not None:
+            qkv = layout.to_images(qkv).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+            out = block_diagonal_attention(qkv, layout, self.backend)
+            return self.proj(x.with_whole(layout.to_streams(out)))
         qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads)
         if self.backend == "xformers":
             out = _xformers_attention(qkv)
@@ -76,12 +89,8 @@ class Attention(nn.Module):
 
 
 def _xformers_attention(qkv: Tensor) -> Tensor:
-    """xformers' memory-efficient kernel; it has CUDA kernels only, hence the device check."""
-    if qkv.device.type != "cuda":
-        raise RuntimeError(
-            f"attn_backend='xformers' runs only on CUDA tensors (xformers has no kernels for "
-            f"device '{qkv.device.type}'); use attn_backend='sdpa' there"
-        )
+    """xformers' memory-efficient kernel."""
+    require_cuda(qkv.device)
     from xformers.ops import memory_efficient_attention
 
     q, k, v = qkv.unbind(2)
@@ -152,20 +161,10 @@ SUBSET_ABOVE = 0.1
 def add_residual_on_subset(x: Streams, residual: Residual, drop_ratio: float) -> Streams:
     """DINOv2's stochastic depth for high drop rates: compute the branch only on the kept
     samples (saving their compute) and scale it by batch / kept."""
-    b = x.parts[0].shape[0]
-    keep = max(int(b * (1 - drop_ratio)), 1)
-    index = torch.randperm(b, device=x.parts[0].device)[:keep]
+    index, scale = subset_of(x.parts[0].shape[0], drop_ratio, x.parts[0].device)
     branch = residual(x.map(lambda part: part[index])).split()
-    scale = b / keep
-    added = (
-        _add_rows(part, index, rows, scale) for part, rows in zip(x.parts, branch, strict=True)
-    )
+    added = (add_rows(part, index, rows, scale) for part, rows in zip(x.parts, branch, strict=True))
     return Streams(tuple(added), x.sizes)
-
-
-def _add_rows(x: Tensor, index: Tensor, rows: Tensor, scale: float) -> Tensor:
-    out = torch.index_add(x.flatten(1), 0, index, rows.to(x.dtype).flatten(1), alpha=scale)
-    return out.view_as(x)
 
 
 class Block(nn.Module):
@@ -184,7 +183,11 @@ class Block(nn.Module):
         ffn_layer: str,
         attn_backend: str,
         specialized: frozenset[str] = frozenset(),
+        multi_crop_attention: str = "per_crop",
     ) -> None:
+        """`multi_crop_attention`: how a multi-crop call runs its crop sizes, `per_crop`
+        (one after the other) or `one_pass` (packed into one sequence, see
+        dinospec.models.one_pass)."""
         super().__init__()
         self.norm1 = make_norm(dim, "norm1" in specialized)
         self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, attn_backend, specialized)
@@ -194,9 +197,10 @@ class Block(nn.Module):
         self.mlp = ffn(dim, int(dim * mlp_ratio), ffn_bias, specialized)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.sample_drop_ratio = drop_path
+        self.one_pass = multi_crop_attention == "one_pass"
 
-    def attn_residual(self, x: Streams) -> Streams:
-        return self.attn(self.norm1(x)).map(self.ls1).as_split()
+    def attn_residual(self, x: Streams, layout: OnePass | None = None) -> Streams:
+        return self.attn(self.norm1(x), layout).map(self.ls1).as_split()
 
     def ffn_residual(self, x: Streams) -> Streams:
         return self.mlp(self.norm2(x)).map(self.ls2).as_split()
@@ -219,10 +223,19 @@ class Block(nn.Module):
         `multi_crop` is DINOv2's nested call (`forward_nested`), the student's path in
         training: there any positive drop rate takes the batch subset, drawn per crop
         size, for attention on every size before the FFN; otherwise each crop size runs as
-        DINOv2's `Block.forward` runs one sequence."""
+        DINOv2's `Block.forward` runs one sequence. A one-pass block runs a multi-crop call
+        of several sizes as one sequence, with the same stochastic depth."""
         ratio = self.sample_drop_ratio
+        if multi_crop and self.one_pass and len(crops) > 1:
+            residuals = (self.attn_residual, self._packed_ffn)
+            drop = ratio if self.training else 0.0
+            return one_pass_block(crops, residuals, drop, self.attn.backend)
         if not (multi_crop and self.training and ratio > 0.0):
             return [self._forward_one(x) for x in crops]
         for residual in (self.attn_residual, self.ffn_residual):
             crops = [add_residual_on_subset(x, residual, ratio) for x in crops]
         return crops
+
+    def _packed_ffn(self, x: Streams, _: OnePass) -> Streams:
+        """The FFN branch, per token: the packing changes nothing for it."""
+        return self.ffn_residual(x)

@@ -79,6 +79,7 @@ class DinoVisionTransformer(nn.Module):
                 ffn_layer=c.ffn_layer,
                 attn_backend=c.attn_backend,
                 specialized=self.plan.per_block[i],
+                multi_crop_attention=c.multi_crop_attention,
             )
             for i in range(c.depth)
         )
@@ -189,7 +190,8 @@ class DinoVisionTransformer(nn.Module):
     ) -> list[dict]:
         """Multi-crop: each element is a batch of same-size crops, run at its own size (no
         padding); all sizes share each block call so a sharded block is gathered once per
-        step, not once per crop size."""
+        step, not once per crop size. `model.multi_crop_attention` says whether the block
+        runs the sizes one after the other or packed into one sequence."""
         crops = [
             self.streams_of(self.prepare_tokens_with_masks(x, m))
             for x, m in zip(x_list, masks_list, strict=True)
