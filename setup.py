@@ -27,7 +27,9 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
+        "tb": ["tensorboard>=2.10"],
         "dev": [
+            "tensorboard>=2.10",
             "pytest>=8",
             "ruff>=0.6",
             "torchmetrics>=1.0",
@@ -38,5 +40,9 @@ setup(
     entry_points={
         "console_scripts": ["dinospec = dinospec.cli:main"],
         "dinospec.commands": ["eval = eval.cli:register", "sweep = launch.sweep.cli:register"],
+        "dinospec.evaluators": [
+            "knn = eval.during_training:knn_evaluator",
+            "seg = eval.during_training:seg_evaluator",
+        ],
     },
 )

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from dinospec.analysis.cli import read_metrics
 from dinospec.config import Config, load_config
 from dinospec.data.synthetic import SyntheticScenes
 from dinospec.data.transforms import normalize
@@ -76,19 +77,32 @@ def knn_top1(backbone: torch.nn.Module, config: Config, n_train: int, n_val: int
 
 
 def plot_training_curves(run_dir: Path) -> Path:
-    records = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
-    steps = [r["iteration"] for r in records]
-    fig, (losses, monitor) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in sorted(k for k in records[0] if k.startswith("loss")):
-        losses.plot(steps, [r[key] for r in records], label=key.removeprefix("loss_") or "total")
+    """Losses, collapse monitor and, when the run evaluated itself, the k-NN curve."""
+    records = read_metrics(RunDir(run_dir).metrics)
+    trained = [r for r in records if "loss" in r]
+    evaluated = [r for r in records if "eval_knn_top1" in r]
+    steps = [r["iteration"] for r in trained]
+    fig, axes = plt.subplots(1, 3 if evaluated else 2, figsize=(16 if evaluated else 11, 4))
+    losses, monitor = axes[0], axes[1]
+    for key in sorted(k for k in trained[0] if k.startswith("loss")):
+        losses.plot(steps, [r[key] for r in trained], label=key.removeprefix("loss_") or "total")
     losses.set(title="Training losses", xlabel="iteration", ylabel="loss (no unit)")
     losses.legend()
     for key in ("teacher_entropy", "student_cls_std"):
-        monitor.plot(steps, [r[key] for r in records], label=key)
+        monitor.plot(steps, [r[key] for r in trained], label=key)
     monitor.set(
         title="Collapse monitor", xlabel="iteration", ylabel="entropy / log K, [CLS] std (no unit)"
     )
     monitor.legend()
+    if evaluated:
+        knn = axes[2]
+        x = [r["iteration"] for r in evaluated]
+        knn.plot(x, [100 * r["eval_knn_top1"] for r in evaluated], marker="o")
+        knn.set(
+            title="k-NN top-1 of the teacher during training",
+            xlabel="iteration",
+            ylabel="top-1 accuracy (%)",
+        )
     fig.tight_layout()
     path = run_dir / "training_curves.png"
     fig.savefig(path, dpi=100)
@@ -140,10 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"   (20-NN top-1 on image labels, [CLS]: {100 * s['knn20_top1']:5.1f})"
         )
     layout = RunDir(run_dir)
+    curve = [r for r in read_metrics(layout.metrics) if "eval_knn_top1" in r]
+    if curve:
+        points = ", ".join(f"{r['iteration']}: {100 * r['eval_knn_top1']:.1f}" for r in curve)
+        print(f"\n20-NN top-1 of the teacher during training (iteration: %): {points}")
     print(f"\ncheckpoints:     {layout.checkpoints}")
     print(f"teacher export:  {layout.export('.safetensors')} (and .pth)")
     print(f"metrics:         {layout.metrics}")
     print(f"plots:           {run_dir / 'training_curves.png'}")
+    if layout.tensorboard.is_dir():
+        print(f"tensorboard:     tensorboard --logdir {layout.tensorboard}")
     print(f"probe results:   {run_dir / 'probe_results.json'}")
     return 0
 

@@ -32,7 +32,8 @@ def test_pretraining_beats_initialization_on_the_segmentation_probe(tmp_path: Pa
 
     trained, initial = scores["trained"]["miou"], scores["random_init"]["miou"]
     assert trained > 1.5 * initial and trained - initial > 0.03, scores
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "loss" in r]
     assert records[-1]["iteration"] == 1000
     # One step's loss is noisy (4.6 to 7.2 in neighbouring log lines), so both ends are
     # window means: iterations 1-50 against the last 250.
@@ -42,3 +43,10 @@ def test_pretraining_beats_initialization_on_the_segmentation_probe(tmp_path: Pa
     assert sum(r["teacher_entropy"] for r in last) / len(last) < 0.5  # no uniform collapse
     assert (run_dir / "probe_results.json").is_file()
     assert (run_dir / "training_curves.png").is_file()
+    # The evaluation during training (configs/quickstart.yaml: every 250 iterations) draws
+    # the k-NN curve of the teacher, from before the first step to the end, and it rises.
+    curve = [r for r in map(json.loads, lines) if "eval_knn_top1" in r]
+    assert [r["iteration"] for r in curve] == [0, 250, 500, 750, 1000]
+    assert curve[-1]["eval_knn_top1"] > curve[0]["eval_knn_top1"], curve
+    assert curve[0]["eval_knn_top1"] == pytest.approx(scores["random_init"]["knn20_top1"])
+    assert curve[-1]["eval_knn_top1"] == pytest.approx(scores["trained"]["knn20_top1"])

@@ -183,7 +183,8 @@ def _pca(args: argparse.Namespace) -> None:
 def read_metrics(path: str | Path) -> list[dict]:
     """Records of a metrics.jsonl, one per iteration in order. A live run may have a last
     line half written, which is skipped; a resumed run logs again the iterations after its
-    last checkpoint, and the later record of an iteration wins."""
+    last checkpoint, and the later value of a key wins. The records of one iteration are
+    merged: an evaluation writes its own record beside the training one."""
     path = Path(path)
     lines = path.read_text().splitlines()
     by_iteration: dict[int, dict] = {}
@@ -196,7 +197,7 @@ def read_metrics(path: str | Path) -> list[dict]:
             if number == len(lines):
                 break
             raise ValueError(f"{path}:{number}: not a JSON object: {err}") from err
-        by_iteration[int(record["iteration"])] = record
+        by_iteration.setdefault(int(record["iteration"]), {}).update(record)
     return [by_iteration[i] for i in sorted(by_iteration)]
 
 

@@ -51,6 +51,8 @@ METRIC_TITLES = {
     "teacher_temp": "teacher temperature",
     "teacher_entropy": "teacher entropy / log K",
     "student_cls_std": "student [CLS] spread",
+    "eval_knn_top1": "k-NN top-1 (teacher [CLS], evaluation set)",
+    "eval_seg_miou": "linear segmentation probe mIoU",
 }
 
 
@@ -243,7 +245,8 @@ def metrics_figure(
             points = [(r["iteration"], r[key]) for r in records if key in r]
             if points:
                 x, y = zip(*points, strict=True)
-                line = ax.plot(x, y, label=label)[0]
+                marker = "o" if key.startswith("eval_") else None
+                line = ax.plot(x, y, label=label, marker=marker, markersize=3)[0]
                 for start in (phase_starts or {}).get(label, ()):
                     ax.axvline(start, color=line.get_color(), linestyle="--", linewidth=0.8)
         ax.set_title(METRIC_TITLES[key], fontsize=9)

@@ -35,6 +35,7 @@ from dinospec.config.values import (
     SEED,
     UNIT,
     Allowed,
+    OneOf,
     Pair,
     Range,
     range_problems,
@@ -114,6 +115,23 @@ TRAINING_RANGES: dict[str, Allowed] = {
     "gram.refresh_every": NON_NEGATIVE,
     "gram.upscale": Range(1),
     "distill.teacher_num_heads": COUNT,
+    "evaluation.every": NON_NEGATIVE,
+    "evaluation.train_per_class": COUNT,
+    "evaluation.val_per_class": COUNT,
+    "evaluation.image_size": COUNT,
+    "evaluation.resize_size": COUNT,
+    "evaluation.k": COUNT,
+    "evaluation.temperature": POSITIVE,
+    "evaluation.batch_size": COUNT,
+    "evaluation.num_workers": NON_NEGATIVE,
+    "evaluation.pca_images": NON_NEGATIVE,
+    "evaluation.seg.max_train_images": COUNT,
+    "evaluation.seg.max_val_images": COUNT,
+    "evaluation.seg.crop_size": COUNT,
+    "evaluation.seg.n_layers": OneOf((1, 4)),
+    "evaluation.seg.iterations": COUNT,
+    "evaluation.seg.batch_size": COUNT,
+    "evaluation.seg.lr": POSITIVE,
 }
 """Allowed values of every numeric key of Config outside `model`."""
 
@@ -189,6 +207,8 @@ MASK_STRATIFICATIONS = ("rank", "global")
 COMPILE_MODES = ("auto", "on", "off")
 PRECISIONS = ("auto", "bf16", "fp32")
 GRAM_CLIPS = ("none", "teacher", "both")
+EVAL_DATASETS = ("none", "imagenet", "synthetic")
+EVAL_SEG_DATASETS = ("none", "synthetic", "camvid", "ade20k")
 
 
 def compile_mode(value: str) -> str | None:
@@ -226,6 +246,7 @@ def training_problems(c: Config) -> list[tuple[str, Any, str]]:
             ("optim.warmup_epochs", c.optim.warmup_epochs, f"exceeds optim.epochs={c.optim.epochs}")
         )
     out += gram_problems(c)
+    out += evaluation_problems(c)
     if c.train.previous_phase and c.train.pretrained_weights:
         message = "a run starts from train.pretrained_weights or from a previous phase, not both"
         out.append(("train.previous_phase", c.train.previous_phase, message))
@@ -278,3 +299,45 @@ def data_path_problems(data: DataConfig) -> list[str]:
     if next(root.iterdir(), None) is None:
         return [f"data.path={data.path}: {root} is empty"]
     return []
+
+
+def evaluation_problems(c: Config) -> list[tuple[str, Any, str]]:
+    """The evaluation during training: known datasets, a path where one is read, sizes the
+    patch grid divides (a probe needs whole patches)."""
+    e, patch = c.evaluation, c.model.patch_size
+    out = []
+    for prefix, section, known in (
+        ("evaluation", e, EVAL_DATASETS),
+        ("evaluation.seg", e.seg, EVAL_SEG_DATASETS),
+    ):
+        if section.dataset not in known:
+            out.append((f"{prefix}.dataset", section.dataset, f"must be one of {list(known)}"))
+        elif section.dataset not in ("none", "synthetic") and not section.path:
+            message = f"is required for {prefix}.dataset={section.dataset!r}"
+            out.append((f"{prefix}.path", section.path, message))
+    if e.dataset != "none" and e.resize_size < e.image_size:
+        out.append(("evaluation.resize_size", e.resize_size, f"is below image_size={e.image_size}"))
+    sizes = [
+        ("evaluation.image_size", e.image_size, e.dataset),
+        ("evaluation.seg.crop_size", e.seg.crop_size, e.seg.dataset),
+    ]
+    for key, size, dataset in sizes:
+        if dataset != "none" and patch > 0 and size % patch:
+            out.append((key, size, f"must be a multiple of model.patch_size={patch}"))
+    return out
+
+
+def evaluation_path_problems(c: Config) -> list[str]:
+    """What is missing of the evaluation's data (the counterpart of data_path_problems):
+    the class folders of both k-NN splits and the probe's dataset root, checked by the
+    launchers before submitting and by training before its first step."""
+    e = c.evaluation
+    found = []
+    if e.dataset == "imagenet":
+        for split in (e.train_split, e.val_split):
+            folder = Path(e.path) / split
+            if not folder.is_dir():
+                found.append(f"evaluation.path={e.path}: {folder} is not a directory")
+    if e.seg.dataset not in ("none", "synthetic") and not Path(e.seg.path).is_dir():
+        found.append(f"evaluation.seg.path={e.seg.path}: not a directory")
+    return found

@@ -228,6 +228,51 @@ class DistillConfig:
 
 
 @dataclass
+class EvalSegConfig:
+    # A short linear segmentation probe at each evaluation, off while dataset is none:
+    # cached patch tokens of centre crops (train and val), a linear head trained for
+    # `iterations`, mIoU on val. dataset: none, synthetic (the embedded scenes' label maps),
+    # camvid or ade20k (`path` as for `dinospec eval-seg`).
+    dataset: str = "none"
+    path: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    max_train_images: int = 200
+    max_val_images: int = 100
+    crop_size: int = 224
+    n_layers: int = 1
+    iterations: int = 300
+    batch_size: int = 16
+    lr: float = 1.0e-3
+
+
+@dataclass
+class EvaluationConfig:
+    # Evaluation of the teacher backbone while it trains, on its frozen features: at the
+    # start (at_start), every `every` iterations (0: only at start and end) and at the end.
+    # k-NN top-1 of the last block's [CLS] on `dataset`: none (no k-NN), imagenet
+    # (`path`/<split>/<class>/<image>, e.g. Imagenette) or synthetic (the embedded scenes'
+    # image labels, images of other seeds than the training scenes). It reads no training
+    # data and draws from no training random stream, so a run trains the same with it.
+    every: int = 0
+    at_start: bool = True
+    dataset: str = "none"
+    path: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    train_per_class: int | None = None
+    val_per_class: int | None = None
+    image_size: int = 224
+    resize_size: int = 256
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 64
+    num_workers: int = 2
+    pca_images: int = 4
+    seg: EvalSegConfig = field(default_factory=EvalSegConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -239,3 +284,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     gram: GramConfig = field(default_factory=GramConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

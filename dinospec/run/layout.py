@@ -38,6 +38,11 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (`tensorboard --logdir` this or a folder of runs)."""
+        return self.root / "tensorboard"
+
+    @property
     def checkpoints(self) -> Path:
         """The DCP checkpoints, one `iter_XXXXXXXX` folder each (dinospec.train.checkpoint)."""
         return self.root / "checkpoints"

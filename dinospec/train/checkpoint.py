@@ -18,12 +18,14 @@ holding non-finite values is never saved; a full disk is named as such.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,6 +176,18 @@ def _is_out_of_space(err: BaseException | None) -> bool:
     return _is_out_of_space(err.__cause__ or err.__context__)
 
 
+@contextlib.contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """DCP warns at every save and load of a process without a process group that it
+    assumes a single process: that is what such a run is, so the warning tells the user
+    nothing. Silenced here, around the calls, not for the whole program."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled", category=UserWarning
+        )
+        yield
+
+
 def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last: int) -> Path:
     """Write `state` (nested dicts of tensors / DTensors) as checkpoint `iteration`, after
     checking that it is finite and fits on disk; older ones are pruned only once the new
@@ -197,7 +211,8 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last
         tmp.mkdir()
     _barrier()
     try:
-        dcp.save(state, checkpoint_id=str(tmp))
+        with single_process_quiet():
+            dcp.save(state, checkpoint_id=str(tmp))
         _barrier()
         if _is_main():
             manifest = {"iteration": iteration, "files": _manifest(tmp)}
@@ -348,7 +363,8 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> int:
         raise CheckpointCorrupt(f"{path}: unreadable metadata: {err}") from err
     _check_fits(path, metadata, state)
     try:
-        dcp.load(state, storage_reader=reader, planner=TensorOnlyLoadPlanner())
+        with single_process_quiet():
+            dcp.load(state, storage_reader=reader, planner=TensorOnlyLoadPlanner())
     except (Exception, CheckpointException) as err:
         raise CheckpointCorrupt(f"{path}: cannot be loaded: {err}") from err
     return iteration

@@ -6,11 +6,8 @@ runs one CPU process, several gloo processes, or many GPUs with NCCL and FSDP2.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import resource
-import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,15 +41,13 @@ from dinospec.train.data import (
 )
 from dinospec.train.distill import init_distillation
 from dinospec.train.ema import ema_update
-from dinospec.train.metrics_log import (
-    LogWindow,
-    collapse_warnings,
-    format_duration,
-    rewind_metrics,
-)
+from dinospec.train.evaluation import PeriodicEvaluation, load_evaluators
+from dinospec.train.metrics_log import LogWindow, rewind_metrics
 from dinospec.train.optim import apply_schedule_values, param_groups
 from dinospec.train.phases import init_from_previous_phase
 from dinospec.train.pretrained import init_from_pretrained
+from dinospec.train.progress import schedule_line
+from dinospec.train.reporting import RunReporter
 from dinospec.train.schedules import TrainingSchedules, dinov2_schedules
 from dinospec.train.signals import Interrupted, StopRequest
 from dinospec.train.ssl import SSLModel
@@ -116,6 +111,7 @@ class Trainer:
         self.run_dir = Path(config.train.output_dir)
         self.layout = RunDir(self.run_dir)
         self.images = build_image_dataset(config)
+        evaluators = load_evaluators(config, self.info)
         torch.manual_seed(config.train.seed)
         model = SSLModel(config)
         self.pretrained = init_from_pretrained(model, config)
@@ -162,9 +158,21 @@ class Trainer:
         if self.model.gram_teacher is not None:
             parts["gram_teacher"] = ModelPart(self.model.gram_teacher)
         self.state = TrainingState(parts)
+        self.evaluation = PeriodicEvaluation(
+            config, evaluators, self.stop, self.info.device, self.autocast
+        )
+        self.reporter: RunReporter | None = None
+        self.last_checkpoint: Path | None = None
+
+    def autocast(self) -> torch.autocast:
+        """The forward passes' autocast (disabled in fp32), for training and evaluation."""
+        dtype = self.autocast_dtype
+        return torch.autocast(self.info.device.type, dtype or torch.bfloat16, enabled=bool(dtype))
 
     def _log(self, message: str) -> None:
-        if self.info.is_main:
+        if self.reporter is not None:
+            self.reporter.write(message)
+        elif self.info.is_main:
             print(message, flush=True)
 
     def resume(self) -> int:
@@ -189,6 +197,7 @@ class Trainer:
             self.layout.checkpoints, iteration, self.state.state_dict(), self.config.train.keep_last
         )
         self.export_teacher(iteration)
+        self.last_checkpoint = path
         return path
 
     def export_teacher(self, iteration: int) -> None:
@@ -216,9 +225,9 @@ class Trainer:
         left idle between forward and backward; the collapse monitor stays on the device
         until a log line needs it. Gradients are let go before the forward passes, not
         after, so last step's are not held at the activation peak."""
-        model, device, dtype = self.model, self.info.device, self.autocast_dtype
+        model = self.model
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
+        with self.autocast():
             targets = model.teacher_targets(batch, values["teacher_temp"], gram)
             terms, student_cls = model.losses(batch, targets, not frozen_backbone)
         sum(terms.values()).backward()
@@ -238,25 +247,40 @@ class Trainer:
         return StepResult(losses, model.monitor(targets, student_cls), [])
 
     def run(self) -> Path:
+        """From the resume point to the stop, then the summary. A new run's metrics start
+        empty (records of an attempt that wrote no checkpoint go, an evaluation at 0 too)."""
         start = self.resume()
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.layout.config.write_text(config_to_yaml(self.config))
-            rewind_metrics(self.layout.metrics, start)
+            rewind_metrics(self.layout.metrics, start if start > 0 else -1)
         if start >= self.stop:
             self._log(f"nothing to do: run is at iteration {start}, stop is {self.stop}")
             return self.run_dir
         if warning := self.schedules.teacher_temp_warning(self.total):
             self._log(warning)
-        self._log(
-            f"training iterations {start}..{self.stop - 1} of {self.total}, run dir {self.run_dir}"
+        self.reporter = RunReporter(
+            self.layout, self.info.is_main, start, self.stop, self._phase_fields()
         )
+        self._log(schedule_line(start, self.stop, self.total, self.run_dir))
         loader = build_loader(self.config, self.images, self.info.rank, self.info.world_size, start)
         try:
+            if start == 0:
+                self.evaluate(0)
             self._loop(loader, start)
+            self.reporter.finish(self.last_checkpoint)
         finally:
             close_loader(loader)
+            self.reporter.close()
+            self.reporter = None
         return self.run_dir
+
+    def evaluate(self, iteration: int) -> None:
+        """The teacher backbone's evaluation, if one is due at `iteration`; it changes
+        nothing training reads (dinospec.train.evaluation)."""
+        if self.evaluation.due(iteration):
+            report = self.evaluation.run(self.model.teacher.backbone, iteration)
+            self.reporter.log_eval(report)
 
     def _loop(self, loader: Iterator[dict[str, Any]], start: int) -> None:
         cfg = self.config.train
@@ -275,6 +299,7 @@ class Trainer:
             frozen = self.schedules.backbone_frozen(iteration)
             result = self.step(batch, values, frozen, self.gram_step(iteration))
             window.iterations += 1
+            self.reporter.advance(sum(result.losses.values()) if not result.nonfinite else None)
             if result.nonfinite:
                 nonfinite_since = iteration if nonfinite_since is None else nonfinite_since
                 self._handle_nonfinite(iteration, result.nonfinite, nonfinite_since)
@@ -283,8 +308,19 @@ class Trainer:
             window.losses.append(sum(result.losses.values()))
             done = iteration + 1
             if done % cfg.log_every == 0 or done == self.stop:
-                self._write_metrics(done, result, values, window)
+                warmup_end = self.config.optim.warmup_epochs * cfg.epoch_length
+                self.reporter.log_step(
+                    done,
+                    result.losses,
+                    result.monitor,
+                    values,
+                    window,
+                    self.global_batch,
+                    self.info.device,
+                    warmup_end,
+                )
                 window = LogWindow()
+            self.evaluate(done)
             if done % cfg.checkpoint_every == 0 or done == self.stop:
                 self.checkpoint(done)
 
@@ -343,51 +379,6 @@ class Trainer:
         if self.phase is None:
             return {}
         return {"phase": self.phase.number, "phase_offset": self.phase.offset}
-
-    def _write_metrics(
-        self,
-        iteration: int,
-        result: StepResult,
-        values: dict[str, float],
-        window: LogWindow,
-    ) -> None:
-        losses = result.losses
-        monitor = {k: float(v) for k, v in result.monitor.items()}
-        iters = max(window.iterations, 1)
-        per_iter = (time.perf_counter() - window.start) / iters
-        if self.info.device.type == "cuda":
-            peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        record = {
-            "iteration": iteration,
-            **self._phase_fields(),
-            "loss": sum(losses.values()),
-            "loss_window_mean": statistics.fmean(window.losses),
-            **{f"loss_{k}": v for k, v in losses.items()},
-            **{k: values[k] for k in ("lr", "backbone_lr", "wd", "momentum", "teacher_temp")},
-            **monitor,
-            "images_per_s": self.global_batch / per_iter,
-            "data_time_s": window.data_time / iters,
-            "iter_time_s": per_iter,
-            "peak_memory_mb": peak_mb,
-            "eta_s": per_iter * (self.stop - iteration),
-        }
-        if not self.info.is_main:
-            return
-        with open(self.layout.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
-        self._log(
-            f"it {iteration}/{self.stop} loss {record['loss']:.4f} ({terms}) mean of last "
-            f"{len(window.losses)} {record['loss_window_mean']:.4f} lr {values['lr']:.2e} "
-            f"wd {values['wd']:.3f} mom {values['momentum']:.4f} T {values['teacher_temp']:.3f} "
-            f"| {record['images_per_s']:.1f} img/s data {record['data_time_s']:.3f}s "
-            f"mem {peak_mb:.0f}MB eta {format_duration(record['eta_s'])}"
-        )
-        warmup_end = self.config.optim.warmup_epochs * self.config.train.epoch_length
-        for warning in collapse_warnings(iteration, monitor, warmup_end):
-            self._log(warning)
 
 
 def _reduced_flags_and_means(terms: list[Tensor]) -> tuple[list[bool], list[float]]:
