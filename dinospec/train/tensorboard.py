@@ -24,7 +24,7 @@ def scalar_tag(key: str) -> str | None:
     schedules, collapse monitor, speed and evaluation as separate sections; None for
     keys that are no curve (iteration, phase)."""
     if key.startswith("loss"):
-        return f"loss/{key.removeprefix('loss_') or 'total'}"
+        return f"loss/{key.removeprefix('loss').removeprefix('_') or 'total'}"
     if key.startswith("eval_"):
         return f"eval/{key.removeprefix('eval_')}"
     for section, keys in (("schedule", SCHEDULE_KEYS), ("monitor", MONITOR_KEYS)):
