@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -58,7 +59,26 @@ def _export(args: argparse.Namespace) -> None:
         print(line)
 
 
-TRAIN_EPILOG = """\
+def _config_show(args: argparse.Namespace) -> None:
+    from dinospec.config.show import describe_config
+
+    print("\n".join(describe_config(args.config, args.overrides)))
+
+
+def train_epilog() -> str:
+    """The sections of a config and where to read every key, then the pretrained-weights
+    keys most runs set."""
+    from dinospec.config.docs import SECTION_DOCS
+
+    sections = "\n".join(f"  {name:<12}{doc}" for name, doc in SECTION_DOCS.items())
+    return (
+        f"config sections (override any key as section.key=value):\n{sections}\n\n"
+        "every key with its value, default and meaning:\n"
+        "  dinospec config show CONFIG [key=value ...]\n\n" + PRETRAINED_HELP
+    )
+
+
+PRETRAINED_HELP = """\
 continue from pretrained weights:
   train.pretrained_weights=PATH   student and teacher backbones start from PATH: a DINOv2
                                   torch-hub .pth, a timm DINOv2 file, a Hugging Face
@@ -86,12 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="self-supervised pretraining (resumes if possible)",
-        epilog=TRAIN_EPILOG,
+        description="Pretrain (or resume) the run a YAML config describes; its run "
+        "directory is train.output_dir.",
+        epilog=train_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.seed=1")
     train.set_defaults(func=_train)
+    _add_config_command(commands)
     export = commands.add_parser(
         "export",
         help="write a backbone for DINOv2's hub, timm, Hugging Face or as dinospec safetensors",
@@ -119,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_config_command(commands: argparse._SubParsersAction) -> None:
+    config = commands.add_parser("config", help="show a resolved config with every key explained")
+    actions = config.add_subparsers(dest="action", required=True)
+    show = actions.add_parser(
+        "show",
+        help="every key of a config: value, meaning, and default where it differs",
+        description="Print the config a run would use (the file, the files it extends and "
+        "the overrides, validated as `dinospec train` does), one key a line with its "
+        "one-line doc; a key whose value is not the default also shows the default and the "
+        "file or command line that set it.",
+    )
+    show.add_argument("config", nargs="?", default=None, help="YAML config (default: none)")
+    show.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.seed=1")
+    show.set_defaults(func=_config_show)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Problems the user can fix are a message on stderr and status 2, not a traceback."""
     args = build_parser().parse_args(argv)
@@ -132,6 +171,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RunDirLocked as err:
         print(f"dinospec: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader went away (`dinospec config show ... | head`): nothing left to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
+        return 0
+    except OSError as err:
+        if err.filename is None:
+            raise
+        # a path the user gave cannot be read or written (permissions, a missing parent)
+        print(f"dinospec: error: {err.strerror}: {err.filename}", file=sys.stderr)
         return 2
     return status or 0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dinospec.config import ConfigError
@@ -17,13 +17,23 @@ class LaunchError(Exception):
     """Something the user can fix; nothing has been submitted or started."""
 
 
-def split_job_type(argv: Sequence[str], prog: str) -> tuple[JobType, list[str]]:
-    """The job type named by the first argument, and the arguments that follow it."""
+def split_job_type(
+    argv: Sequence[str],
+    prog: str,
+    parser_for: Callable[[JobType], argparse.ArgumentParser] | None = None,
+) -> tuple[JobType, list[str]]:
+    """The job type named by the first argument, and the arguments that follow it. Asked
+    for help without one, the launcher lists the job types and the arguments they take
+    (those of `parser_for`'s parser, the same for every job type)."""
     names = ", ".join(JOB_TYPES)
     usage = f"usage: {prog} {{{names}}} CONFIG [key=value ...] [options]"
     if not argv or argv[0] in ("-h", "--help"):
         lines = [usage, "", "job types:"]
         lines += [f"  {job.name:10} {job.description}" for job in JOB_TYPES.values()]
+        if parser_for is not None:
+            text = parser_for(next(iter(JOB_TYPES.values()))).format_help()
+            lines += ["", text[text.index("positional arguments:") :].rstrip()]
+        lines += ["", f"`{prog} JOB --help` shows them for one job type."]
         print("\n".join(lines))
         raise SystemExit(0 if argv else 2)
     if argv[0] not in JOB_TYPES:

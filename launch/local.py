@@ -160,7 +160,7 @@ def run_local(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> No
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    job, rest = split_job_type(argv, PROG)
+    job, rest = split_job_type(argv, PROG, build_parser)
     args = build_parser(job).parse_intermixed_args(rest)
     try:
         run_local(job, args, argv)
@@ -169,6 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (ConfigError, CheckpointError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:
+            raise
+        print(f"{PROG}: error: {err.strerror}: {err.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: stopped by a second Ctrl-C, without a checkpoint", file=sys.stderr)

@@ -24,6 +24,7 @@ from typing import Any
 from dinospec.run.layout import RunDir
 from dinospec.run.lock import holder, locked_message
 from launch.cli import LaunchError, job_parser, load_checked, split_job_type
+from launch.dry_run import describe_submission
 from launch.jobs import JobType
 from launch.submissions import read_job_file, record_submission, resume_message, write_config
 
@@ -37,7 +38,7 @@ def add_resource_options(parser: argparse.ArgumentParser) -> list[argparse.Actio
     resources = parser.add_argument_group("resources")
     slurm = parser.add_argument_group("SLURM")
     return [
-        resources.add_argument("--nodes", type=int, default=1),
+        resources.add_argument("--nodes", type=int, default=1, help="nodes (default 1)"),
         resources.add_argument(
             "--gpus-per-node", type=int, default=0, help="one task per GPU; 0 for CPU-only jobs"
         ),
@@ -49,7 +50,7 @@ def add_resource_options(parser: argparse.ArgumentParser) -> list[argparse.Actio
         resources.add_argument(
             "--timeout", type=int, default=60 * 24, help="time limit in minutes (default 1440)"
         ),
-        *(slurm.add_argument(f"--{name}") for name in SLURM_OPTIONS),
+        *(slurm.add_argument(f"--{name}", help=f"sbatch --{name}") for name in SLURM_OPTIONS),
         slurm.add_argument("--job-name", help="default: dinospec-<job type>"),
         slurm.add_argument(
             "--signal-delay",
@@ -74,6 +75,11 @@ def build_parser(job: JobType) -> argparse.ArgumentParser:
         help="submit one job per combination of the values (a grid) as one job array; "
         "a list value goes in brackets (KEY=[0,1],[0,1,2]); "
         "each job runs in <output dir>/<key-value_...>",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the run directory, processes, command and sbatch script; submit nothing",
     )
     return parser
 
@@ -157,11 +163,15 @@ def make_executor(folder: Path, parameters: dict[str, Any], max_timeouts: int) -
     return executor
 
 
-def submit(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> str:
-    """Validate, prepare the run directory, submit; returns the job id."""
+def submit(job: JobType, args: argparse.Namespace, argv: Sequence[str]) -> str | None:
+    """Validate, prepare the run directory, submit; returns the job id (None for a dry
+    run, which only prints what it would submit)."""
     config = load_checked(job, args)
     parameters = executor_parameters(job, args)
     output_dir = job.output_dir(config)
+    if args.dry_run:
+        print("\n".join(describe_submission(job, args, config, parameters, argv, PROG)))
+        return None
     refuse_if_in_use(output_dir)
     running = active_jobs(read_job_file(output_dir)["job_ids"])
     if running:
@@ -238,6 +248,12 @@ def submit_sweep(job: JobType, args: argparse.Namespace, argv: Sequence[str]) ->
         for point in points
     ]
     parameters = executor_parameters(job, args)
+    if args.dry_run:
+        print(f"dry run of a job array of {len(configs)} job(s), one per point:")
+        for config, point in zip(configs, points, strict=True):
+            print(f"  {' '.join(point)} -> {job.output_dir(config)}")
+        print("\n".join(describe_submission(job, args, configs[0], parameters, argv, PROG)))
+        return []
     for config in configs:
         refuse_if_in_use(job.output_dir(config))
     busy = [
@@ -273,7 +289,7 @@ def submit_sweep(job: JobType, args: argparse.Namespace, argv: Sequence[str]) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    job, rest = split_job_type(argv, PROG)
+    job, rest = split_job_type(argv, PROG, build_parser)
     args = build_parser(job).parse_intermixed_args(rest)
     try:
         if args.sweep:
