@@ -9,7 +9,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from dinospec.config import Config, config_to_yaml, data_path_problems, load_config
+from dinospec.config import (
+    Config,
+    config_to_yaml,
+    data_path_problems,
+    evaluation_path_problems,
+    load_config,
+)
 from dinospec.run.layout import RunDir
 from dinospec.train.checkpoint import list_checkpoints, newest_plausible
 
@@ -60,10 +66,16 @@ class TrainJobType:
         if data.path:
             data = dataclasses.replace(data, path=_absolute(data.path))
         train = dataclasses.replace(config.train, output_dir=_absolute(config.train.output_dir))
-        return dataclasses.replace(config, data=data, train=train)
+        evaluation = config.evaluation
+        if evaluation.path:
+            evaluation = dataclasses.replace(evaluation, path=_absolute(evaluation.path))
+        if evaluation.seg.path:
+            seg = dataclasses.replace(evaluation.seg, path=_absolute(evaluation.seg.path))
+            evaluation = dataclasses.replace(evaluation, seg=seg)
+        return dataclasses.replace(config, data=data, train=train, evaluation=evaluation)
 
     def problems(self, config: Config) -> list[str]:
-        return data_path_problems(config.data)
+        return data_path_problems(config.data) + evaluation_path_problems(config)
 
     def output_dir(self, config: Config) -> Path:
         return Path(config.train.output_dir)
