@@ -5,7 +5,9 @@ student on all crops with iBOT masks, DINO + iBOT + KoLeo losses, backward, grad
 clipping, AdamW and the EMA update, on a batch made by the training data pipeline. Vanilla
 and specialized (the paper's specialization) twins of each size run alternately in one
 process, so drift in machine speed hits both alike; the ratio is the median of the
-per-round ratios.
+per-round ratios. `--multi-crop-attention per_crop,one_pass` adds a twin of each running
+the student's multi-crop call as one sequence (dinospec.models.one_pass), and the one/per
+column gives its step time over the per-crop twin's.
 
 FLOPs are model FLOPs: the backbone's forward counted by fvcore as `dinospec info` does
 (multiply-adds x 2), the heads' linear layers analytically; training counts the student's
@@ -17,6 +19,7 @@ added, as usual for MFU. The utilization is against the device's dense bf16 peak
     python benchmarks/train_step.py --models s --batch 4 --global-size 112 --local-size 56 \\
         --prototypes 4096 --rounds 3                        # about 2 minutes on a CPU
     python benchmarks/train_step.py --models l --profile 25  # and where ViT-L's step time goes
+    python benchmarks/train_step.py --models l --multi-crop-attention per_crop,one_pass
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 
 from dinospec.config import Config, load_config
+from dinospec.config.schema import MULTI_CROP_ATTENTIONS
 from dinospec.models import build_backbone
 from dinospec.models.heads import DINOHead
 from dinospec.report import count_gflops
@@ -56,9 +60,12 @@ PEAK_BF16_TFLOPS = (
 )
 
 
-def step_config(size: str, variant: str, args: argparse.Namespace, run_dir: str) -> Config:
+def step_config(
+    size: str, variant: str, mode: str, args: argparse.Namespace, run_dir: str
+) -> Config:
     """DINOv2's ImageNet-1k recipe for one size, fed by the embedded synthetic images (the
-    data pipeline runs once, outside the timing) at the requested crop sizes."""
+    data pipeline runs once, outside the timing) at the requested crop sizes, with the
+    multi-crop call run by `mode` (model.multi_crop_attention)."""
     recipe = CONFIGS / f"vit{size}14_in1k{VARIANTS[variant]}.yaml"
     return load_config(
         recipe,
@@ -76,6 +83,8 @@ def step_config(size: str, variant: str, args: argparse.Namespace, run_dir: str)
             f"train.precision={args.dtype}",
             f"train.activation_checkpointing={args.activation_checkpointing}",
             f"train.output_dir={run_dir}",
+            f"model.multi_crop_attention={mode}",
+            f"model.attn_backend={args.attn_backend}",
         ],
     )
 
@@ -184,57 +193,97 @@ def profile_step(label: str, contender: Contender, others: list[Contender], rows
     print(profiler.key_averages().table(sort_by=clock, row_limit=rows), flush=True)
 
 
+Key = tuple[str, str]
+"""A contender: (variant, multi-crop mode)."""
+
+
+def label(key: Key, modes: list[str]) -> str:
+    """The variant, and the mode where more than one is measured."""
+    return key[0] if len(modes) == 1 else f"{key[0]} {key[1]}"
+
+
+def round_ratios(contenders: dict[Key, Contender], modes: list[str]) -> dict[Key, float]:
+    """This round's ratios: specialized / vanilla per mode, and each mode after the first
+    over the first, per variant."""
+    last = {key: c.times[-1] for key, c in contenders.items()}
+    ratios = {("specialized", m): last["specialized", m] / last["vanilla", m] for m in modes}
+    for mode in modes[1:]:
+        ratios |= {(v, f"{mode}/{modes[0]}"): last[v, mode] / last[v, modes[0]] for v in VARIANTS}
+    return ratios
+
+
 def run_size(size: str, args: argparse.Namespace, run_dir: str) -> list[dict[str, Any]]:
-    contenders = {v: Contender(step_config(size, v, args, run_dir), args.device) for v in VARIANTS}
-    others = {name: [c for n, c in contenders.items() if n != name] for name in contenders}
-    for name, contender in contenders.items():
+    modes = args.multi_crop_attention
+    contenders = {
+        (v, m): Contender(step_config(size, v, m, args, run_dir), args.device)
+        for m in modes
+        for v in VARIANTS
+    }
+    others = {key: [c for k, c in contenders.items() if k != key] for key in contenders}
+    for key, contender in contenders.items():
         start = time.perf_counter()
         for _ in range(args.warmup):
-            contender.step(others[name])
-        progress(
-            size, f"{name}: {args.warmup} warm-up steps in {time.perf_counter() - start:.1f} s"
-        )
-    ratios = []
+            contender.step(others[key])
+        elapsed = time.perf_counter() - start
+        progress(size, f"{label(key, modes)}: {args.warmup} warm-up steps in {elapsed:.1f} s")
+    ratios: dict[Key, list[float]] = {}
     for i in range(args.rounds):
-        for name, contender in contenders.items():
-            contender.times.append(contender.step(others[name]))
-        ratios.append(contenders["specialized"].times[-1] / contenders["vanilla"].times[-1])
-        times = ", ".join(f"{n} {c.times[-1]:.4f} s" for n, c in contenders.items())
-        progress(size, f"round {i + 1}/{args.rounds}: {times}, spec/van {ratios[-1]:.3f}")
+        for key, contender in contenders.items():
+            contender.times.append(contender.step(others[key]))
+        for key, value in round_ratios(contenders, modes).items():
+            ratios.setdefault(key, []).append(value)
+        times = ", ".join(f"{label(k, modes)} {c.times[-1]:.4f} s" for k, c in contenders.items())
+        spec = ", ".join(f"{ratios['specialized', m][-1]:.3f}" for m in modes)
+        mode_ratios = "".join(
+            f", {v} {key}: {ratios[v, key][-1]:.3f}"
+            for key in (f"{m}/{modes[0]}" for m in modes[1:])
+            for v in VARIANTS
+        )
+        progress(size, f"round {i + 1}/{args.rounds}: {times}, spec/van {spec}{mode_ratios}")
     if args.profile:
-        for name, contender in contenders.items():
-            profile_step(f"{model_name(size)} {name}", contender, others[name], args.profile)
-    peak = peak_tflops(contenders["vanilla"].device, args.peak_tflops)
+        for key, contender in contenders.items():
+            profile_step(
+                f"{model_name(size)} {label(key, modes)}", contender, others[key], args.profile
+            )
+    peak = peak_tflops(contenders["vanilla", modes[0]].device, args.peak_tflops)
     rows = []
-    for name, c in contenders.items():
+    for (variant, mode), c in contenders.items():
         median = statistics.median(c.times)
+        mode_ratio = ratios.get((variant, f"{mode}/{modes[0]}"))
         rows.append(
             {
                 "model": model_name(size),
-                "variant": name,
+                "variant": variant,
+                "attention": mode,
                 "median_s": median,
                 "images_per_s": args.batch / median,
                 "peak_gib": c.peak_bytes / 2**30 if c.device.type == "cuda" else None,
                 "tflops_per_s": c.flops / median / 1e12,
                 "mfu": c.flops / median / (peak * 1e12) if peak else None,
-                "ratio": statistics.median(ratios) if name == "specialized" else None,
+                "ratio": statistics.median(ratios[variant, mode])
+                if variant == "specialized"
+                else None,
+                "mode_ratio": statistics.median(mode_ratio) if mode_ratio else None,
             }
         )
     return rows
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, device: str) -> None:
+    modes = args.multi_crop_attention
     print(
         f"DINOv2 training step: batch {args.batch} x (2 x {args.global_size}px + "
         f"{args.local_crops} x {args.local_size}px), {args.prototypes} prototypes, "
         f"compile={args.compile}, precision={args.dtype}, "
-        f"activation checkpointing={args.activation_checkpointing}, {args.rounds} alternating "
+        f"activation checkpointing={args.activation_checkpointing}, "
+        f"attn_backend={args.attn_backend}, {args.rounds} alternating "
         f"rounds after {args.warmup} warm-up steps"
     )
     print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     header = (
-        f"{'model':<10}{'variant':<13}{'median s':>10}{'img/s':>9}{'peak GiB':>10}"
-        f"{'TFLOP/s':>9}{'MFU':>7}{'spec/van':>10}"
+        f"{'model':<10}{'variant':<13}{'multi-crop':<11}{'median s':>10}{'img/s':>9}"
+        f"{'peak GiB':>10}{'TFLOP/s':>9}{'MFU':>7}{'spec/van':>10}"
+        + (f"{'/' + modes[0]:>10}" if len(modes) > 1 else "")
     )
     print(header)
     print("-" * len(header))
@@ -242,14 +291,17 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, device: st
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else ""
+        mode_ratio = f"{r['mode_ratio']:>10.3f}" if r["mode_ratio"] is not None else ""
         print(
-            f"{r['model']:<10}{r['variant']:<13}{r['median_s']:>10.3f}{r['images_per_s']:>9.1f}"
-            f"{peak:>10}{r['tflops_per_s']:>9.3f}{mfu:>7}{ratio:>10}"
+            f"{r['model']:<10}{r['variant']:<13}{r['attention']:<11}{r['median_s']:>10.3f}"
+            f"{r['images_per_s']:>9.1f}{peak:>10}{r['tflops_per_s']:>9.3f}{mfu:>7}{ratio:>10}"
+            f"{mode_ratio}"
         )
     print(
-        "peak GiB: CUDA max allocated during a step, minus what the other model in the "
-        "process holds (n/a on CPU); MFU against the device's dense bf16 peak (n/a where "
-        "unknown); spec/van: median of per-round step-time ratios"
+        "peak GiB: CUDA max allocated during a step, minus what the other models in the "
+        "process hold (n/a on CPU); MFU against the device's dense bf16 peak (n/a where "
+        "unknown); spec/van: median of per-round step-time ratios, per multi-crop mode"
+        + (f"; /{modes[0]}: the same against the {modes[0]} twin" if len(modes) > 1 else "")
     )
 
 
@@ -257,6 +309,16 @@ def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MULTI_CROP_ATTENTIONS]
+    if unknown or not modes or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give distinct values of {list(MULTI_CROP_ATTENTIONS)}, comma-separated"
+        )
+    return modes
 
 
 def main() -> None:
@@ -274,6 +336,13 @@ def main() -> None:
     parser.add_argument("--local-crops", type=int, default=8)
     parser.add_argument("--prototypes", type=int, default=65536)
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU")
+    parser.add_argument(
+        "--multi-crop-attention",
+        type=parse_modes,
+        default=["per_crop"],
+        help="model.multi_crop_attention values to measure, e.g. per_crop,one_pass",
+    )
+    parser.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "xformers"])
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="print the top N operators of a step"
     )

@@ -52,6 +52,7 @@ step, because the CPU count tracks every operator.
     python benchmarks/vs_dinov2.py --configs full --batch-sizes 8,16 --local-crops 4,8
     python benchmarks/vs_dinov2.py --configs full --profile 15   # and top operators
     python benchmarks/vs_dinov2.py --size tiny --rounds 1        # the tests' tiny run
+    python benchmarks/vs_dinov2.py --multi-crop-attention one_pass  # dinospec in one pass
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def dinospec_config(
         f"train.output_dir={args.run_dir}",
         "model.drop_path_rate=0.0",
         f"model.img_size={setting.global_size}",
+        f"model.multi_crop_attention={args.multi_crop_attention}",
     ]
     if args.size == "tiny":
         overrides += TINY_MODEL
@@ -636,6 +638,7 @@ def print_table(rows: list[Row], args: argparse.Namespace, dtype: str) -> None:
         f"\nDINOv2 training step, dinospec / reference: ViT-{args.size.upper()}/14, "
         f"{args.device} ({device_name(args.device)}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {dtype}, compile={args.compile}, "
+        f"dinospec multi-crop={args.multi_crop_attention}, "
         f"{args.rounds} rotating rounds after {args.warmup} warm-up step(s)"
     )
     header = (
@@ -709,6 +712,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--compile", default="off", choices=["off", "on"], help="dinospec's")
+    parser.add_argument(
+        "--multi-crop-attention",
+        default="per_crop",
+        choices=["per_crop", "one_pass"],
+        help="dinospec's student: crop sizes one after the other, or one sequence",
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="top N operators")
     parser.add_argument("--reference", type=Path, default=ref.DEFAULT_ROOT)
     args = parser.parse_args()

@@ -47,31 +47,46 @@ def ratio_after(label: str, text: str) -> float:
 
 @pytest.mark.slow
 def test_train_step_prints_both_variants_with_mfu_and_progress() -> None:
+    """Vanilla and specialized, each per crop and in one pass (--multi-crop-attention)."""
     out = run_benchmark(
         "train_step.py",
         *("--models", "s", "--batch", "2", "--global-size", "56", "--local-size", "28"),
         *("--prototypes", "256", "--rounds", "2", "--warmup", "1", "--peak-tflops", "1"),
-        *("--profile", "3"),
+        *("--profile", "3", "--multi-crop-attention", "per_crop,one_pass"),
     )
-    for variant in ("vanilla", "specialized"):
-        assert f"ViT-S/14 {variant}: one step's top 3 operators by self_cpu_time_total" in out
-    assert out.count("aten::mm") >= 2, out
-    rounds = re.findall(r"\[ViT-S/14\] round (\d)/2: vanilla .* spec/van (" + NUMBER + ")", out)
+    contenders = [f"{v} {m}" for m in ("per_crop", "one_pass") for v in ("vanilla", "specialized")]
+    for name in contenders:
+        assert f"ViT-S/14 {name}: one step's top 3 operators by self_cpu_time_total" in out
+    assert out.count("aten::mm") >= 4, out
+    rounds = re.findall(
+        r"\[ViT-S/14\] round (\d)/2: vanilla per_crop .* spec/van ("
+        + NUMBER
+        + "), ("
+        + NUMBER
+        + "), vanilla one_pass/per_crop: ("
+        + NUMBER
+        + ")",
+        out,
+    )
     assert [r[0] for r in rounds] == ["1", "2"], out
     rows = {
-        variant: re.search(rf"ViT-S/14\s+{variant}\s+(.*)", out)
+        (variant, mode): re.search(rf"ViT-S/14\s+{variant}\s+{mode}\s+(.*)", out)
         for variant in ("vanilla", "specialized")
+        for mode in ("per_crop", "one_pass")
     }
     assert all(rows.values()), out
-    # median s, img/s, peak GiB (n/a on a CPU), TFLOP/s, MFU against the given 1 TFLOP/s.
-    for row in rows.values():
+    # median s, img/s, peak GiB (n/a on a CPU), TFLOP/s, MFU against the given 1 TFLOP/s,
+    # then spec/van (specialized rows) and /per_crop (one_pass rows).
+    for (variant, mode), row in rows.items():
         fields = row.group(1).split()
         median_s, images_per_s, tflops = float(fields[0]), float(fields[1]), float(fields[3])
         assert fields[2] == "n/a", row.group(0)
         assert images_per_s == pytest.approx(2 / median_s, rel=0.01, abs=0.06), row.group(0)
         assert float(fields[4].rstrip("%")) == pytest.approx(100 * tflops, abs=0.15), row.group(0)
         assert tflops > 0, row.group(0)
-    assert len(rows["specialized"].group(1).split()) == 6, "specialized row lacks spec/van"
+        expected = 5 + (variant == "specialized") + (mode == "one_pass")
+        assert len(fields) == expected, f"{variant} {mode} row: {row.group(0)}"
+        assert all(float(f) > 0 for f in fields[5:]), row.group(0)
 
 
 @pytest.mark.slow
@@ -123,12 +138,13 @@ def test_data_pipeline_times_ours_reference_and_the_loader() -> None:
 
 @pytest.mark.slow
 def test_gpu_checks_pass_on_the_same_code_paths_on_a_cpu() -> None:
-    """The GPU run's first part: flash attention against math, bf16 and compiled and FSDP2
-    steps against their references; here on CPU kernels (gloo for FSDP2)."""
+    """The GPU run's first part: flash attention against math, bf16, compiled, one-pass
+    and FSDP2 steps against their references; here on CPU kernels (gloo for FSDP2)."""
     out = run_benchmark("gpu/checks.py", "--device", "cpu")
     rows = re.findall(rf"^(.+?)\s+({NUMBER}e[-+][0-9]+)\s+{NUMBER}e[-+][0-9]+\s+(\S+)", out, re.M)
     names = [name.strip() for name, _, _ in rows]
-    assert names == ["flash attention", "bf16 step", "compiled step", "FSDP2 bf16 step"], out
+    expected = ["flash attention", "bf16 step", "compiled step", "one-pass step", "FSDP2 bf16 step"]
+    assert names == expected, out
     assert all(result == "ok" for _, _, result in rows), out
     # bf16 moves the numbers, or the check compared a path with itself
     assert all(float(difference) > 0 for _, difference, _ in rows[:2]), out

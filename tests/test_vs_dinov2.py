@@ -66,3 +66,18 @@ def test_live_tensor_bytes_counts_views_once_and_frees() -> None:
         del b
     assert tracker.peak == held.nbytes + 2 * c.nbytes
     assert tracker.live == held.nbytes + c.nbytes
+
+
+@pytest.mark.slow
+def test_one_pass_student_agrees_with_dinov2() -> None:
+    """dinospec's student with its crops in one sequence (model.multi_crop_attention=
+    one_pass) against DINOv2's step: the same checks as the per-crop path passes."""
+    output = run_benchmark(
+        "vs_dinov2.py", "--size", "tiny", "--rounds", "1", "--multi-crop-attention", "one_pass"
+    )
+    assert "dinospec multi-crop=one_pass" in output, output
+    for variant in ("vanilla", "specialized"):
+        assert reported(f"{variant} losses", output) <= 1e-5, output
+        assert reported(f"{variant} gradients", output) <= 1e-4, output
+    assert reported("one whole step", output) <= 5e-4, output
+    assert "WARNING" not in output, output

@@ -10,7 +10,11 @@ and whether it did; exit status 1 if any check failed.
 - bf16 step: one full DINOv2 step of the quickstart model under bf16 autocast against fp32;
 - FSDP2 bf16 step: the same step sharded over a group of one (bf16 parameters, fp32
   gradient reduction) against the plain bf16 step;
-- compiled step: the bf16 step with compiled blocks against the eager one.
+- compiled step: the bf16 step with compiled blocks against the eager one;
+- one-pass step: the compiled bf16 step with the student's crops in one sequence
+  (model.multi_crop_attention=one_pass, SDPA per crop size) against the eager per-crop one;
+- one-pass xformers step (CUDA, where xformers imports): the same with xformers'
+  block-diagonal kernel, eager.
 
     python benchmarks/gpu/checks.py                 # on the lent GPU (run.sh runs it first)
     python benchmarks/gpu/checks.py --device cpu    # the same code paths on a CPU
@@ -126,6 +130,35 @@ def compiled_step(device: str, run_dir: Path) -> Check:
     return Check("compiled step", difference, BF16_STEP_BOUND, "bf16, vs eager bf16")
 
 
+def one_pass_step(device: str, run_dir: Path) -> Check:
+    """Same seed, so stochastic depth drops the same samples in both paths."""
+    per_crop = eager_bf16(device, run_dir.parent / "eager_bf16")
+    one_pass, _ = one_step(
+        device,
+        run_dir,
+        "train.precision=bf16",
+        "train.compile=on",
+        "model.multi_crop_attention=one_pass",
+    )
+    difference = relative_difference(one_pass, per_crop)
+    return Check("one-pass step", difference, BF16_STEP_BOUND, "compiled bf16, vs eager per-crop")
+
+
+def one_pass_xformers_step(device: str, run_dir: Path) -> Check:
+    per_crop = eager_bf16(device, run_dir.parent / "eager_bf16")
+    one_pass, _ = one_step(
+        device,
+        run_dir,
+        "train.precision=bf16",
+        "train.compile=off",
+        "model.multi_crop_attention=one_pass",
+        "model.attn_backend=xformers",
+    )
+    difference = relative_difference(one_pass, per_crop)
+    detail = "xformers BlockDiagonalMask, bf16, vs eager per-crop SDPA"
+    return Check("one-pass xformers", difference, BF16_STEP_BOUND, detail)
+
+
 def fsdp_step(device: str, run_dir: Path) -> Check:
     """Last: it starts the process group that the other checks' trainers must not join."""
     plain = eager_bf16(device, run_dir.parent / "eager_bf16")
@@ -143,7 +176,21 @@ def fsdp_step(device: str, run_dir: Path) -> Check:
     return Check("FSDP2 bf16 step", difference, BF16_STEP_BOUND, f"{backend}, vs unsharded bf16")
 
 
-CHECKS: list[Callable[[str, Path], Check]] = [flash_attention, bf16_step, compiled_step, fsdp_step]
+CHECKS: list[Callable[[str, Path], Check]] = [
+    flash_attention,
+    bf16_step,
+    compiled_step,
+    one_pass_step,
+    one_pass_xformers_step,
+    fsdp_step,
+]
+
+
+def checks_for(device: str) -> list[Callable[[str, Path], Check]]:
+    """xformers' kernels run on CUDA only, where the package is installed."""
+    if device == "cuda" and importlib.util.find_spec("xformers") is not None:
+        return CHECKS
+    return [check for check in CHECKS if check is not one_pass_xformers_step]
 
 
 def main() -> None:
@@ -157,7 +204,7 @@ def main() -> None:
     print("-" * len(header))
     failed = 0
     with tempfile.TemporaryDirectory() as run_dir:
-        for check in CHECKS:
+        for check in checks_for(args.device):
             try:
                 row = check(args.device, Path(run_dir) / check.__name__)
             except RuntimeError as error:

@@ -25,17 +25,42 @@ timeout 150 python3 benchmarks/gpu/checks.py 2>&1 | tee "$OUT/checks.txt"
 # the smaller models' tables with it; each step's time is printed as it is measured, and
 # the 25 costliest operators of one step per variant say where the time goes. Dense bf16
 # peak of an H200 SXM: 989 TFLOP/s (NVIDIA's datasheet, without sparsity).
+# Each size runs four twins, vanilla and specialized, each with the student's crop sizes one
+# after the other (per_crop, the default) and packed into one sequence (one_pass: shared
+# GEMMs once for all crops, attention one SDPA call per crop size); the one/per column is
+# the step-time ratio of the two.
 for model in ${MODELS//,/ }; do
-    limit=120
-    [ "$model" = l ] && limit=200
+    limit=180
+    [ "$model" = l ] && limit=300
     timeout $limit python3 benchmarks/train_step.py --models "$model" --rounds 5 \
-        --peak-tflops 989 --profile 25 2>&1 | tee "$OUT/train_step_$model.txt"
+        --peak-tflops 989 --profile 25 --multi-crop-attention per_crop,one_pass 2>&1 \
+        | tee "$OUT/train_step_$model.txt"
 done
+# DINOv2's own one-pass kernel: xformers' memory_efficient_attention with a block-diagonal
+# mask over every image (one launch for all crops), ViT-L, where xformers imports (carried
+# by prepare.sh); first which operator it dispatches to.
+if python3 -c "import xformers.ops" 2>/dev/null; then
+    timeout 60 python3 -c "
+import torch
+from xformers.ops import fmha
+q = torch.randn(1, 64, 6, 64, device='cuda', dtype=torch.bfloat16)
+mask = fmha.BlockDiagonalMask.from_seqlens([40, 24])
+op = fmha._dispatch_fw(fmha.Inputs(q, q, q, attn_bias=mask), False)
+print('xformers', __import__('xformers').__version__, 'forward operator', op.NAME)
+" 2>&1 | tee "$OUT/train_step_l_xformers.txt"
+    timeout 300 python3 benchmarks/train_step.py --models l --rounds 5 --peak-tflops 989 \
+        --attn-backend xformers --multi-crop-attention per_crop,one_pass 2>&1 \
+        | tee -a "$OUT/train_step_l_xformers.txt"
+fi
 # The peer: DINOv2's own training step (carried by prepare.sh) against dinospec's, vanilla
 # and specialized, bf16; its agreement checks run first. Not yet run on a GPU.
 timeout 150 python3 benchmarks/vs_dinov2.py --device cuda --dtype bf16 --configs full \
     --batch-sizes 32 --rounds 5 --reference .bench_data/dinov2_reference 2>&1 \
     | tee "$OUT/vs_dinov2_bf16.txt"
+# The same with dinospec's student in one pass (its agreement with DINOv2 checked first).
+timeout 150 python3 benchmarks/vs_dinov2.py --device cuda --dtype bf16 --configs full \
+    --batch-sizes 32 --rounds 5 --reference .bench_data/dinov2_reference \
+    --multi-crop-attention one_pass 2>&1 | tee "$OUT/vs_dinov2_bf16_one_pass.txt"
 timeout 60 python3 benchmarks/backbone_vs_reference.py --device cuda --dtype bf16 \
     --batch 64 --rounds 9 2>&1 | tee "$OUT/backbone_vs_timm_bf16.txt"
 # The training loader on the host's cores (14 workers; the trainer and the pin thread keep
