@@ -17,7 +17,8 @@ from train_helpers import read_metrics, tiny_config
 from dinospec.config import config_to_yaml, load_config
 from dinospec.models.checkpoints import load_backbone
 from dinospec.train.checkpoint import MARKER, list_checkpoints
-from dinospec.train.loop import Trainer, train
+from dinospec.train.loop import train
+from dinospec.train.reporting import RunReporter
 from launch import local, submit
 from launch.cli import LaunchError, split_job_type
 from launch.jobs import JOB_TYPES, TrainJobType
@@ -273,20 +274,20 @@ def test_signal_checkpoints_between_iterations_and_resume_is_exact(
     straight = train(tiny_config(tmp_path / "straight", "train.max_iterations=6"))
     chained = []
     signal.signal(signal.SIGUSR2, lambda signum, frame: chained.append(signum))
-    write_metrics = Trainer._write_metrics
+    write_metrics = RunReporter.log_step
 
     def signal_after_third(self, iteration, *args):
         write_metrics(self, iteration, *args)
         if iteration == 3:
             os.kill(os.getpid(), signal.SIGUSR2)
 
-    monkeypatch.setattr(Trainer, "_write_metrics", signal_after_third)
+    monkeypatch.setattr(RunReporter, "log_step", signal_after_third)
     config = tiny_config(tmp_path / "resumed", "train.max_iterations=6")
     assert TrainJob(config)() == {"status": "interrupted", "iteration": 3}
     assert chained == [signal.SIGUSR2]
     assert "checkpoint at iteration 3 written, requeueing" in capsys.readouterr().out
     assert list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1].name == "iter_00000003"
-    monkeypatch.setattr(Trainer, "_write_metrics", write_metrics)
+    monkeypatch.setattr(RunReporter, "log_step", write_metrics)
     assert TrainJob(config)()["status"] == "finished"
     assert "resumed from iteration 3" in capsys.readouterr().out
     losses = [(m["iteration"], m["loss"]) for m in read_metrics(tmp_path / "resumed")]

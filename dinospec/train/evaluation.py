@@ -107,7 +107,7 @@ def untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def whole_root(backbone: nn.Module) -> Iterator[None]:
+def whole_root(backbone: nn.Module, device: torch.device) -> Iterator[None]:
     """An FSDP2-sharded backbone gathers its root unit's parameters (embeddings, final
     norm) only around `forward`; evaluators also call its other methods
     (`get_intermediate_layers`), so the root stays gathered while they run. Each block
@@ -117,6 +117,11 @@ def whole_root(backbone: nn.Module) -> Iterator[None]:
     if not isinstance(backbone, FSDPModule):
         yield
         return
+    # FSDP2 sets itself up at the root's first forward and refuses one after a block has
+    # run alone; before the first training step (an evaluation at iteration 0) none has
+    # run yet, so one image goes through forward first, on every rank alike.
+    size = backbone.config.img_size
+    backbone(torch.zeros(1, backbone.config.in_chans, size, size, device=device))
     backbone.unshard()
     try:
         yield
@@ -171,7 +176,7 @@ class PeriodicEvaluation:
         start = time.perf_counter()
         report = EvalReport(iteration)
         preview = None
-        with untouched(backbone, self.device), self.autocast(), whole_root(backbone):
+        with untouched(backbone, self.device), self.autocast(), whole_root(backbone, self.device):
             for evaluator in self.evaluators:
                 output = evaluator(backbone)
                 report.metrics |= output.metrics
