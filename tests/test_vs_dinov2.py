@@ -55,7 +55,7 @@ def test_table_has_a_row_with_every_ratio(output: str) -> None:
 def test_live_tensor_bytes_counts_views_once_and_frees() -> None:
     """The CPU peak-memory count: storages from their operator until they are freed."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from vs_dinov2 import LiveTensorBytes
+    from vs_dinov2_memory import LiveTensorBytes
 
     held = torch.zeros(256)
     with LiveTensorBytes([held]) as tracker:
