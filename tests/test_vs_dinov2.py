@@ -50,6 +50,7 @@ def test_table_has_a_row_with_every_ratio(output: str) -> None:
     fields = row.group(1).split()
     assert len(fields) == 11, row.group(0)
     assert all(re.fullmatch(NUMBER, f) and float(f) > 0 for f in fields), row.group(0)
+    assert "threads, wall clock," in output, output
 
 
 def test_live_tensor_bytes_counts_views_once_and_frees() -> None:
@@ -71,13 +72,29 @@ def test_live_tensor_bytes_counts_views_once_and_frees() -> None:
 @pytest.mark.slow
 def test_one_pass_student_agrees_with_dinov2() -> None:
     """dinospec's student with its crops in one sequence (model.multi_crop_attention=
-    one_pass) against DINOv2's step: the same checks as the per-crop path passes."""
+    one_pass) against DINOv2's step: the same checks as the per-crop path passes. Timed
+    on the CPU clock, so that option runs too."""
     output = run_benchmark(
-        "vs_dinov2.py", "--size", "tiny", "--rounds", "1", "--multi-crop-attention", "one_pass"
+        *("vs_dinov2.py", "--size", "tiny", "--rounds", "1", "--multi-crop-attention", "one_pass"),
+        *("--clock", "cpu", "--threads", "1"),
     )
     assert "dinospec multi-crop=one_pass" in output, output
+    assert "1 threads, cpu clock," in output, output
     for variant in ("vanilla", "specialized"):
         assert reported(f"{variant} losses", output) <= 1e-5, output
         assert reported(f"{variant} gradients", output) <= 1e-4, output
     assert reported("one whole step", output) <= 5e-4, output
     assert "WARNING" not in output, output
+
+
+def test_cpu_clock_is_refused_on_cuda(monkeypatch, capsys) -> None:
+    """The process's CPU seconds do not include a GPU's work, so they cannot time it."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from vs_dinov2 import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["vs_dinov2.py", "--device", "cuda", "--clock", "cpu"])
+    with pytest.raises(SystemExit) as exited:
+        parse_args()
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "--clock cpu measures host work only: use it with --device cpu" in error, error
