@@ -3,8 +3,10 @@ entry-point group `dinospec.evaluators`: `knn`, eval-cls's weighted k-NN on the 
 block's [CLS], and `seg`, a short linear segmentation probe on cached patch tokens.
 
 They are distributed like the eval jobs: each rank computes the features of its shard of
-the images, the k-NN bank stays sharded (eval.knn merges every rank's candidates), probe
-features are gathered on rank 0, which trains the head alone and shares the scores. The
+the images, the k-NN bank stays sharded (eval.knn merges every rank's candidates), and
+the probe's features (a few hundred images) are gathered on every rank, which trains the
+same head from the same seed: no rank waits on another while it trains (one rank training
+alone while the others waited in a broadcast hung two gloo processes). The
 teacher may be sharded with FSDP2, so every rank runs the same number of forward passes:
 a rank with a shorter shard repeats its last batch and drops the copies' features.
 """
@@ -206,24 +208,17 @@ class SegProbeEvaluator:
             return torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
 
         local = shard_outputs(compute, dataset, self.ranks, self.batch_size, self.num_workers)
-        features = self.ranks.gather_to_main(local[0], len(dataset))
-        labels = self.ranks.gather_to_main(local[1], len(dataset))
-        return features, labels
+        return self.ranks.gather(local[0], len(dataset)), self.ranks.gather(local[1], len(dataset))
 
     def __call__(self, backbone: nn.Module) -> EvalOutput:
         frozen = FrozenPatchFeatures(backbone, self.recipe.n_layers)
         train = self._features(frozen, self.train_set)
         val = self._features(frozen, self.val_set)
-        metrics = None
-        if self.ranks.is_main:
-            with torch.enable_grad():
-                head = train_head(*train, self.num_classes, self.recipe, self.seed)
-            scores = evaluate_head(head, *val, self.num_classes)
-            metrics = {
-                "eval_seg_miou": scores.miou,
-                "eval_seg_pixel_accuracy": scores.pixel_accuracy,
-            }
-        return EvalOutput(self.ranks.from_main(metrics))
+        with torch.enable_grad():
+            head = train_head(*train, self.num_classes, self.recipe, self.seed)
+        scores = evaluate_head(head, *val, self.num_classes)
+        metrics = {"eval_seg_miou": scores.miou, "eval_seg_pixel_accuracy": scores.pixel_accuracy}
+        return EvalOutput(metrics)
 
 
 def knn_evaluator(config: Config, info: DistInfo) -> KnnEvaluator:
