@@ -26,7 +26,7 @@ from dinospec.config import Config, load_config
 from dinospec.models.checkpoints import CheckpointError, load_weights, read_weights
 from dinospec.run.exports import backbone_file
 from dinospec.run.layout import RunDir
-from dinospec.train.checkpoint import verify_checkpoint
+from dinospec.train.checkpoint import single_process_quiet, verify_checkpoint
 from dinospec.train.checkpoint_reader import SafeFileSystemReader, TensorOnlyLoadPlanner
 from dinospec.train.ssl import SSLModel, build_head
 
@@ -126,11 +126,12 @@ def _load_heads(teacher: nn.ModuleDict, model: SSLModel, run_dir: Path) -> Path 
         "losses": {"dino_center": model.dino_loss.center, "ibot_center": model.ibot_loss.center},
     }
     try:
-        dcp.load(
-            state,
-            storage_reader=SafeFileSystemReader(str(checkpoint)),
-            planner=TensorOnlyLoadPlanner(),
-        )
+        with single_process_quiet():
+            dcp.load(
+                state,
+                storage_reader=SafeFileSystemReader(str(checkpoint)),
+                planner=TensorOnlyLoadPlanner(),
+            )
     except Exception as err:
         raise CheckpointError(f"{KEY}={run_dir}: heads of {checkpoint}: {err}") from err
     return checkpoint

@@ -104,6 +104,8 @@ class Trainer:
         checkpoint when a signal asks it to (dinospec.train.signals)."""
         self.config = config
         self.stop_request = stop
+        self.reporter: RunReporter | None = None
+        self.last_checkpoint: Path | None = None
         self.info: DistInfo = init_distributed(device, need_group=config.train.fsdp)
         if self.info.device.type == "cpu" and config.data.num_workers:
             # small CPU ops run slower when data workers and compute threads oversubscribe
@@ -161,8 +163,6 @@ class Trainer:
         self.evaluation = PeriodicEvaluation(
             config, evaluators, self.stop, self.info.device, self.autocast
         )
-        self.reporter: RunReporter | None = None
-        self.last_checkpoint: Path | None = None
 
     def autocast(self) -> torch.autocast:
         """The forward passes' autocast (disabled in fp32), for training and evaluation."""

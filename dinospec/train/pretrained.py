@@ -20,7 +20,7 @@ from dinospec.config import Config
 from dinospec.models.checkpoints import CheckpointError, load_weights, read_weights
 from dinospec.run.exports import backbone_file
 from dinospec.run.layout import RunDir
-from dinospec.train.checkpoint import flatten, verify_checkpoint
+from dinospec.train.checkpoint import flatten, single_process_quiet, verify_checkpoint
 from dinospec.train.checkpoint_reader import SafeFileSystemReader, TensorOnlyLoadPlanner
 from dinospec.train.ssl import SSLModel
 
@@ -111,5 +111,6 @@ def load_run_heads(model: SSLModel, run_dir: Path, config_key: str) -> Path | No
             "ibot.* head sizes, ibot.separate_head); give the run's exported teacher file "
             "instead to start with new heads:\n  " + "\n  ".join(problems[:10])
         )
-    dcp.load(state, storage_reader=reader, planner=TensorOnlyLoadPlanner())
+    with single_process_quiet():
+        dcp.load(state, storage_reader=reader, planner=TensorOnlyLoadPlanner())
     return checkpoint
