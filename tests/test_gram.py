@@ -117,30 +117,33 @@ def test_gram_teacher_snapshot_is_a_copy_kept_in_the_state_dict() -> None:
     gram_teacher = GramTeacher(randomize(tiny_vit(PAPER), seed=1), start=0, refresh_every=10)
     gram_teacher.refresh(ema_teacher, 20)
     images = torch.randn(2, 3, 32, 32)
-    before = gram_teacher.patch_tokens(images, patch_size=8)
+    before = gram_teacher.patch_tokens(images, 8, (4, 4))
     with torch.no_grad():
         for p in ema_teacher.parameters():
             p.add_(1.0)
-    assert torch.equal(gram_teacher.patch_tokens(images, patch_size=8), before)
+    assert torch.equal(gram_teacher.patch_tokens(images, 8, (4, 4)), before)
 
     resumed = GramTeacher(randomize(tiny_vit(PAPER), seed=2), start=0, refresh_every=10)
     resumed.load_state_dict(gram_teacher.state_dict())
     assert int(resumed.snapshot_iteration) == 20
-    assert torch.equal(resumed.patch_tokens(images, patch_size=8), before)
+    assert torch.equal(resumed.patch_tokens(images, 8, (4, 4)), before)
 
 
 def test_high_resolution_gram_teacher_gives_the_student_grid() -> None:
-    """At twice the resolution the snapshot sees an 8 x 8 grid; its features come back on
-    the student's 4 x 4 grid, without gradient."""
+    """Given crops at twice the student's 32 px, the snapshot sees an 8 x 8 grid; its
+    features come back on the student's 4 x 4 grid (bicubic, as resize_patch_grid), without
+    gradient. The crops are used as given: nothing is upsampled inside."""
     backbone = randomize(tiny_vit(), seed=0)
-    gram_teacher = GramTeacher(backbone, start=0, refresh_every=0, upscale=2.0)
-    crops = torch.randn(3, 3, 32, 32)
-    tokens = gram_teacher.patch_tokens(crops, patch_size=8)
+    gram_teacher = GramTeacher(backbone, start=0, refresh_every=0)
+    crops = torch.randn(3, 3, 64, 64)
+    tokens = gram_teacher.patch_tokens(crops, 8, (4, 4))
     assert tokens.shape == (3, 16, 32) and not tokens.requires_grad
-    same_size = GramTeacher(backbone, start=0, refresh_every=0).patch_tokens(crops, patch_size=8)
+    fine = backbone.forward_features(crops)["x_norm_patchtokens"]
+    torch.testing.assert_close(tokens, resize_patch_grid(fine, (8, 8), (4, 4)), rtol=0, atol=0)
+    same_size = gram_teacher.patch_tokens(crops[..., ::2, ::2], 8, (4, 4))
     assert not torch.allclose(tokens, same_size)
 
 
 def test_gram_teacher_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match=r"upscale 0\.5 >= 1"):
-        GramTeacher(tiny_vit(), start=0, refresh_every=0, upscale=0.5)
+    with pytest.raises(ValueError, match=r"start -1 and refresh_every 0 must be >= 0"):
+        GramTeacher(tiny_vit(), start=-1, refresh_every=0)

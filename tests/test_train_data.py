@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
+import torch
 from train_helpers import tiny_config
 
-from dinospec.train.data import StepCollator, build_augmentation
+from dinospec.config import ConfigError
+from dinospec.train.data import (
+    StepCollator,
+    build_augmentation,
+    build_image_dataset,
+    build_loader,
+    to_device,
+)
 
 PER_RANK, WORLD, GRID = 8, 2, 16
 
@@ -67,3 +77,59 @@ def test_blur_probabilities_reach_the_training_augmentation(tmp_path):
         augmentation.local_transform,
     )
     assert [t.transforms[1].p for t in transforms] == [1.0, 0.1, 0.25]
+
+
+GRAM = ("gram.loss_weight=1.0", "gram.start_iteration=2")
+# The batch of step 3 of the tiny config (seed 0), with or without the Gram term at
+# gram.upscale 1, as the pipeline made it before it could render Gram crops (commit 06d50d8).
+PREVIOUS_STEP_3 = "99ee893debbcfbd2417368cfa824ae6c5a383873f0c0c1fcd50cb2680fec194a"
+
+
+def batch_digest(batch: dict) -> str:
+    """sha256 of every key, and of each tensor's dtype, shape and bytes, in key order."""
+    digest = hashlib.sha256()
+    for key in sorted(batch):
+        value = batch[key]
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{key} {value.dtype} {tuple(value.shape)}".encode())
+            digest.update(value.contiguous().view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{key}={value}".encode())
+    return digest.hexdigest()
+
+
+def step_batch(tmp_path, *overrides: str, step: int = 3) -> dict:
+    config = tiny_config(tmp_path, *overrides)
+    return next(build_loader(config, build_image_dataset(config), 0, 1, step))
+
+
+@pytest.mark.parametrize("overrides", [(), GRAM, (*GRAM, "gram.upscale=1.0")])
+def test_gram_at_factor_one_leaves_the_batches_as_they_were(tmp_path, overrides):
+    """At gram.upscale 1 the Gram teacher takes the global crops: no extra crops, and the
+    batch is bit for bit the one the pipeline gave before Gram crops existed."""
+    batch = step_batch(tmp_path, *overrides)
+    assert "collated_gram_crops" not in batch
+    assert batch_digest(batch) == PREVIOUS_STEP_3
+
+
+def test_gram_at_factor_two_adds_the_views_at_twice_the_size(tmp_path):
+    """The loader's batch carries the Gram crops (crop-major like the global crops, uint8
+    until to_device standardizes them); everything else is the factor-1 batch's except
+    the global crops, now resized down from the Gram crops."""
+    before = step_batch(tmp_path, *GRAM)
+    batch = step_batch(tmp_path, *GRAM, "gram.upscale=2.0")
+    gram = batch["collated_gram_crops"]
+    assert gram.shape == (2 * 4, 3, 64, 64) and gram.dtype == torch.uint8
+    assert batch["collated_global_crops"].shape == before["collated_global_crops"].shape
+    for key in ("collated_local_crops", "collated_masks", "mask_indices_list", "masks_weight"):
+        assert torch.equal(batch[key], before[key])
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved["collated_gram_crops"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("upscale", ["1.125", "1.1"])
+def test_gram_crops_that_do_not_fit_the_patch_size_are_refused(tmp_path, upscale):
+    """32 px global crops, 8 px patches: x1.125 = 36 px is no whole number of patches, and
+    x1.1 = 35.2 px no whole number of pixels."""
+    with pytest.raises(ConfigError, match=f"gram.upscale={upscale}: makes Gram teacher crops"):
+        tiny_config(tmp_path, *GRAM, f"gram.upscale={upscale}")

@@ -274,7 +274,28 @@ def gram_problems(c: Config) -> list[tuple[str, Any, str]]:
                 "trained weights (train.pretrained_weights, e.g. an earlier run's directory)",
             )
         )
+    size = c.crops.global_crops_size * g.upscale
+    patch = c.model.patch_size
+    if g.loss_weight > 0 and g.upscale > 1 and (size != int(size) or size % patch):
+        out.append(
+            (
+                "gram.upscale",
+                g.upscale,
+                f"makes Gram teacher crops of {c.crops.global_crops_size} x {g.upscale} = {size:g} "
+                f"px, not a whole number of {patch} px patches (crops.global_crops_size x "
+                f"gram.upscale must be a multiple of model.patch_size)",
+            )
+        )
     return out
+
+
+def gram_crops_size(c: Config) -> int | None:
+    """Side of the Gram teacher's high-resolution crops (DINOv3's gram_teacher_crops_size),
+    or None when the Gram teacher takes the global crops themselves: with the term off or
+    at `gram.upscale` 1 the data pipeline makes no extra crops."""
+    if c.gram.loss_weight <= 0 or c.gram.upscale <= 1:
+        return None
+    return round(c.crops.global_crops_size * c.gram.upscale)
 
 
 def data_path_problems(data: DataConfig) -> list[str]:

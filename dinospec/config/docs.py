@@ -116,7 +116,7 @@ KEY_DOCS: dict[str, str] = {
     "gram.loss_weight": "weight of the Gram anchoring term (0: off)",
     "gram.start_iteration": "iteration the term starts at (first Gram teacher snapshot)",
     "gram.refresh_every": "iterations between Gram teacher snapshots (0: never)",
-    "gram.upscale": "input upscaling factor of the Gram teacher (>= 1)",
+    "gram.upscale": "Gram teacher crops rendered at this factor of the global size (>= 1)",
     "gram.clip_negative": "clip negative similarities: none, teacher, both",
     "distill.teacher": "frozen teacher: a run directory or backbone file (null: no distillation)",
     "distill.teacher_num_heads": "the teacher's attention heads where its file does not say",

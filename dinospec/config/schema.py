@@ -204,10 +204,12 @@ class GramConfig:
     # similarities within each global crop are pulled towards those of a Gram teacher, a
     # snapshot of the EMA teacher taken at start_iteration and retaken every refresh_every
     # iterations (0: never); DINOv3 starts it after 1M iterations and refreshes every 10k.
-    # upscale 2 feeds the Gram teacher the global crops upsampled 2x and brings
-    # its feature map back to the student's grid (DINOv3's high-resolution Gram teacher
-    # renders the crop at 2x from the image instead). clip_negative sets negative
-    # similarities to 0 in the Gram teacher's matrix or in both (none, teacher, both).
+    # upscale 2 feeds the Gram teacher each global crop rendered again from the image at
+    # twice the global size (its distortions included; the student's crop is that rendering
+    # resized down), as DINOv3's gram_teacher_crops_size, and brings its feature map back
+    # to the student's grid; global size x upscale must be a multiple of the patch size.
+    # clip_negative sets negative similarities to 0 in the Gram teacher's matrix or in both
+    # (none, teacher, both).
     loss_weight: float = 0.0
     start_iteration: int = 0
     refresh_every: int = 0

@@ -267,6 +267,14 @@ class MultiCropAugmentation:
     separate because the training step reads them under that name. With
     `standardize=False` the crops stay uint8 for a loader that standardizes them on the
     accelerator (standardize_uint8), which is bit for bit the same computation.
+
+    `gram_crops_size` (larger than the global size) adds `gram_teacher_crops`, DINOv3's
+    high-resolution views for the Gram teacher: each global crop is cut and distorted at
+    that size, which is then the Gram teacher's crop, and the student's and teacher's crop
+    is the same image resized down to `global_crops_size` (bicubic, antialiased, on uint8
+    levels). The Gram teacher thus sees the student's view rendered from the image with
+    more detail, not an upsampled copy of it. Resizing draws no random numbers, so the crop
+    boxes and distortions are those the same seed gives without Gram crops.
     """
 
     def __init__(
@@ -279,21 +287,40 @@ class MultiCropAugmentation:
         blur_sigma: Sequence[float] = BLUR_SIGMA,
         standardize: bool = True,
         blur_probabilities: Sequence[float] = BLUR_PROBABILITIES,
+        gram_crops_size: int | None = None,
     ) -> None:
+        if gram_crops_size is not None and gram_crops_size <= global_crops_size:
+            raise ValueError(
+                f"Gram crops of {gram_crops_size} px must be larger than the global crops "
+                f"({global_crops_size} px); without high-resolution Gram crops pass None"
+            )
         blur_global1, blur_global2, blur_local = blur_probabilities
         self.local_crops_number = local_crops_number
-        self.global_geometry = random_crop_and_flip(global_crops_size, global_crops_scale)
+        self.global_geometry = random_crop_and_flip(
+            gram_crops_size or global_crops_size, global_crops_scale
+        )
         self.local_geometry = random_crop_and_flip(local_crops_size, local_crops_scale)
         last = [normalize()] if standardize else []
+        # With Gram crops the global views are standardized after resizing, so that the
+        # uint8 loader and standardize=True still compute the same crops.
+        global_last = last if gram_crops_size is None else []
+        self.finish = v2.Compose(last) if last else v2.Identity()
+        self.downsize = (
+            None
+            if gram_crops_size is None
+            else v2.Resize(
+                global_crops_size, interpolation=InterpolationMode.BICUBIC, antialias=True
+            )
+        )
         self.global_transform_1 = v2.Compose(
-            [color_distortion(), gaussian_blur(blur_global1, blur_sigma), *last]
+            [color_distortion(), gaussian_blur(blur_global1, blur_sigma), *global_last]
         )
         self.global_transform_2 = v2.Compose(
             [
                 color_distortion(),
                 gaussian_blur(blur_global2, blur_sigma),
                 FastSolarize(threshold=SOLARIZE_THRESHOLD, p=0.2),
-                *last,
+                *global_last,
             ]
         )
         self.local_transform = v2.Compose(
@@ -309,9 +336,8 @@ class MultiCropAugmentation:
         local_crops = [
             self.local_transform(self.local_geometry(image)) for _ in range(self.local_crops_number)
         ]
-        return {
-            "global_crops": global_crops,
-            "global_crops_teacher": global_crops,
-            "local_crops": local_crops,
-            "offsets": (),
-        }
+        out = {"local_crops": local_crops, "offsets": ()}
+        if self.downsize is not None:
+            out["gram_teacher_crops"] = [self.finish(crop) for crop in global_crops]
+            global_crops = [self.finish(self.downsize(crop)) for crop in global_crops]
+        return {"global_crops": global_crops, "global_crops_teacher": global_crops, **out}

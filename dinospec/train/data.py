@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dinospec.config import Config, ConfigError, data_path_problems
+from dinospec.config import Config, ConfigError, data_path_problems, gram_crops_size
 from dinospec.data.collate import rank_mask_counts, stack_crops
 from dinospec.data.datasets import ImageList, ImageNetFolder, ImageTree, load_rgb_tensor
 from dinospec.data.masking import MaskingGenerator
@@ -27,7 +27,9 @@ from dinospec.data.transforms import MultiCropAugmentation, standardize_uint8
 from dinospec.losses.ibot import masked_patch_weights
 from dinospec.train.signals import ignore_stop_signals
 
-CROP_KEYS = ("collated_global_crops", "collated_local_crops")
+# The Gram teacher's high-resolution crops are in a batch only when the config asks for them
+# (dinospec.config.gram_crops_size).
+CROP_KEYS = ("collated_global_crops", "collated_local_crops", "collated_gram_crops")
 
 
 def derived_seed(*keys: int) -> int:
@@ -139,7 +141,7 @@ class StepCollator:
         )
         samples = [(crops, None) for _, crops in items]
         indices = masks.flatten().nonzero().flatten()
-        return {
+        batch = {
             "step": step,
             "collated_global_crops": stack_crops(samples, "global_crops"),
             "collated_local_crops": stack_crops(samples, "local_crops"),
@@ -147,11 +149,14 @@ class StepCollator:
             "mask_indices_list": indices,
             "masks_weight": masked_patch_weights(masks),
         }
+        if "gram_teacher_crops" in items[0][1]:
+            batch["collated_gram_crops"] = stack_crops(samples, "gram_teacher_crops")
+        return batch
 
 
 def build_augmentation(config: Config, standardize: bool = False) -> MultiCropAugmentation:
-    """The multi-crop recipe of `crops`; the loader's ends at uint8 crops, which to_device
-    standardizes."""
+    """The multi-crop recipe of `crops`, with the Gram teacher's high-resolution crops when
+    `gram` asks for them; the loader's ends at uint8 crops, which to_device standardizes."""
     crops = config.crops
     return MultiCropAugmentation(
         crops.global_crops_scale,
@@ -162,6 +167,7 @@ def build_augmentation(config: Config, standardize: bool = False) -> MultiCropAu
         crops.blur_sigma,
         standardize,
         (crops.blur_prob_global1, crops.blur_prob_global2, crops.blur_prob_local),
+        gram_crops_size(config),
     )
 
 
@@ -212,6 +218,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
     }
     for key in CROP_KEYS:
-        if moved[key].dtype == torch.uint8:
+        if key in moved and moved[key].dtype == torch.uint8:
             moved[key] = standardize_uint8(moved[key])
     return moved

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinospec.losses.gram import resize_patch_grid
@@ -20,22 +19,20 @@ from dinospec.losses.gram import resize_patch_grid
 class GramTeacher(nn.Module):
     """Snapshot of a backbone, refreshed on a schedule, that gives patch features as targets.
 
-    `upscale` > 1 feeds it the global crops at that factor (DINOv3: 2) and brings its finer
-    feature map back to the student's grid: features of larger inputs are smoother, and the
-    smoothness is what the student is anchored to.
+    It may be given crops larger than the student's (`gram.upscale` > 1: the data pipeline
+    renders each global crop again at that size, as DINOv3's gram_teacher_crops_size does);
+    its finer feature map is then brought back to the student's grid: features of larger
+    inputs are smoother, and the smoothness is what the student is anchored to.
     """
 
-    def __init__(
-        self, backbone: nn.Module, start: int, refresh_every: int, upscale: float = 1.0
-    ) -> None:
+    def __init__(self, backbone: nn.Module, start: int, refresh_every: int) -> None:
         super().__init__()
-        if start < 0 or refresh_every < 0 or upscale < 1:
+        if start < 0 or refresh_every < 0:
             raise ValueError(
-                f"Gram teacher: start {start} and refresh_every {refresh_every} must be >= 0, "
-                f"upscale {upscale} >= 1"
+                f"Gram teacher: start {start} and refresh_every {refresh_every} must be >= 0"
             )
         self.backbone = copy.deepcopy(backbone).requires_grad_(False).eval()
-        self.start, self.refresh_every, self.upscale = start, refresh_every, upscale
+        self.start, self.refresh_every = start, refresh_every
         self.register_buffer("snapshot_iteration", torch.tensor(-1))
 
     def active(self, iteration: int) -> bool:
@@ -56,15 +53,9 @@ class GramTeacher(nn.Module):
         self.snapshot_iteration.fill_(iteration)
 
     @torch.no_grad()
-    def patch_tokens(self, global_crops: Tensor, patch_size: int) -> Tensor:
-        """(B, P, D) target features on the student's patch grid of `global_crops`."""
-        height, width = global_crops.shape[-2:]
-        grid = (height // patch_size, width // patch_size)
-        images = global_crops
-        if self.upscale != 1:
-            images = F.interpolate(
-                global_crops, scale_factor=self.upscale, mode="bicubic", align_corners=False
-            )
-        tokens = self.backbone.forward_features(images)["x_norm_patchtokens"]
-        fine = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+    def patch_tokens(self, crops: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
+        """(B, P, D) target features of `crops` (the global crops, or their high-resolution
+        renderings) on the student's patch `grid` (rows, columns)."""
+        tokens = self.backbone.forward_features(crops)["x_norm_patchtokens"]
+        fine = (crops.shape[-2] // patch_size, crops.shape[-1] // patch_size)
         return tokens if fine == grid else resize_patch_grid(tokens, fine, grid)

@@ -63,7 +63,7 @@ class SSLModel(nn.Module):
         self.distill_teacher: nn.ModuleDict | None = None  # dinospec.train.distill sets it
         g = config.gram
         self.gram_teacher = (
-            GramTeacher(teacher_backbone, g.start_iteration, g.refresh_every, g.upscale)
+            GramTeacher(teacher_backbone, g.start_iteration, g.refresh_every)
             if g.loss_weight > 0
             else None
         )
@@ -84,8 +84,8 @@ class SSLModel(nn.Module):
         self, batch: dict[str, Any], teacher_temp: float, gram: bool = False
     ) -> dict[str, Tensor]:
         """Teacher outputs on the global crops, turned into soft targets; with `gram`, the
-        Gram teacher's patch features of the same crops too. The targets come from the
-        frozen teacher when distilling, otherwise from the EMA teacher."""
+        Gram teacher's patch features of the same views too (see gram_crops). The targets
+        come from the frozen teacher when distilling, otherwise from the EMA teacher."""
         source = self.teacher if self.distill_teacher is None else self.distill_teacher
         out = source.backbone(batch["collated_global_crops"], is_training=True)
         cls = out["x_norm_clstoken"].chunk(N_GLOBAL)
@@ -107,10 +107,26 @@ class SSLModel(nn.Module):
             "patch_targets": patch_targets,
         }
         if gram:
+            patch = self.config.model.patch_size
+            height, width = batch["collated_global_crops"].shape[-2:]
             targets["gram_patches"] = self.gram_teacher.patch_tokens(
-                batch["collated_global_crops"], self.config.model.patch_size
+                self.gram_crops(batch), patch, (height // patch, width // patch)
             )
         return targets
+
+    def gram_crops(self, batch: dict[str, Any]) -> Tensor:
+        """What the Gram teacher sees: at `gram.upscale` 1 the global crops, above it the
+        batch's renderings of the same views at that factor (`collated_gram_crops`, made by
+        the data pipeline from the image, as DINOv3 makes them, not by upsampling)."""
+        if self.config.gram.upscale == 1:
+            return batch["collated_global_crops"]
+        if "collated_gram_crops" not in batch:
+            raise KeyError(
+                f"gram.upscale={self.config.gram.upscale:g} needs the batch's high-resolution "
+                "Gram crops ('collated_gram_crops'), which the training loader "
+                "(dinospec.train.data.build_loader) makes from the same config"
+            )
+        return batch["collated_gram_crops"]
 
     @staticmethod
     def _teacher_heads(
