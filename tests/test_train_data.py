@@ -80,9 +80,6 @@ def test_blur_probabilities_reach_the_training_augmentation(tmp_path):
 
 
 GRAM = ("gram.loss_weight=1.0", "gram.start_iteration=2")
-# The batch of step 3 of the tiny config (seed 0), with or without the Gram term at
-# gram.upscale 1, as the pipeline made it before it could render Gram crops (commit 06d50d8).
-PREVIOUS_STEP_3 = "99ee893debbcfbd2417368cfa824ae6c5a383873f0c0c1fcd50cb2680fec194a"
 
 
 def batch_digest(batch: dict) -> str:
@@ -103,13 +100,15 @@ def step_batch(tmp_path, *overrides: str, step: int = 3) -> dict:
     return next(build_loader(config, build_image_dataset(config), 0, 1, step))
 
 
-@pytest.mark.parametrize("overrides", [(), GRAM, (*GRAM, "gram.upscale=1.0")])
+@pytest.mark.parametrize("overrides", [GRAM, (*GRAM, "gram.upscale=1.0")])
 def test_gram_at_factor_one_leaves_the_batches_as_they_were(tmp_path, overrides):
     """At gram.upscale 1 the Gram teacher takes the global crops: no extra crops, and the
-    batch is bit for bit the one the pipeline gave before Gram crops existed."""
-    batch = step_batch(tmp_path, *overrides)
+    batch is bit for bit the one without the Gram term. (Compared live, not with a stored
+    digest: bicubic resizing and blur may round differently on another CPU.)"""
+    plain = step_batch(tmp_path / "plain")
+    batch = step_batch(tmp_path / "gram", *overrides)
     assert "collated_gram_crops" not in batch
-    assert batch_digest(batch) == PREVIOUS_STEP_3
+    assert batch_digest(batch) == batch_digest(plain)
 
 
 def test_gram_at_factor_two_adds_the_views_at_twice_the_size(tmp_path):
