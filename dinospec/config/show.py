@@ -4,7 +4,7 @@ the source that set it and what it means (dinospec.config.docs)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +13,11 @@ from omegaconf import OmegaConf
 from dinospec.config.docs import KEY_DOCS, SECTION_DOCS
 from dinospec.config.files import load_config, load_schema
 from dinospec.config.schema import Config
-
-
-def flat_items(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every leaf of a nested dict, in schema order."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from flat_items(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+from dinospec.nested import flatten
 
 
 def flat_config(config: Config) -> dict[str, Any]:
-    return dict(flat_items(OmegaConf.to_container(OmegaConf.structured(config))))
+    return dict(flatten(OmegaConf.to_container(OmegaConf.structured(config))))
 
 
 def _text(value: Any) -> str:

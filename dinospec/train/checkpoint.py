@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from dinospec.distributed import host_group
 from dinospec.models.checkpoints import CheckpointError
+from dinospec.nested import flatten
 from dinospec.run.layout import CHECKPOINT_PREFIX
 from dinospec.train.checkpoint_reader import (
     CheckpointCorrupt,
@@ -115,15 +116,6 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
         for p in sorted(directory.iterdir())
         if p.name != MARKER
     }
-
-
-def flatten(state: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(key, value) pairs under the dotted keys DCP stores nested dicts with."""
-    for key, value in state.items():
-        if isinstance(value, dict):
-            yield from flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,10 @@ from torch import Tensor
 
 from dinospec.config import Config
 from dinospec.models.checkpoints import CheckpointError, load_weights, read_weights
+from dinospec.nested import flatten
 from dinospec.run.exports import backbone_file
 from dinospec.run.layout import RunDir
-from dinospec.train.checkpoint import flatten, single_process_quiet, verify_checkpoint
+from dinospec.train.checkpoint import single_process_quiet, verify_checkpoint
 from dinospec.train.checkpoint_reader import SafeFileSystemReader, TensorOnlyLoadPlanner
 from dinospec.train.ssl import SSLModel
 
