@@ -123,40 +123,43 @@ def bf16_step(device: str, run_dir: Path) -> Check:
     return Check("bf16 step", relative_difference(bf16, fp32), BF16_STEP_BOUND, "vs fp32")
 
 
-def compiled_step(device: str, run_dir: Path) -> Check:
+def against_eager_bf16(
+    name: str, detail: str, device: str, run_dir: Path, *overrides: str
+) -> Check:
+    """One bf16 step with `overrides` against the eager bf16 step of the same seed (so
+    stochastic depth drops the same samples in both)."""
     eager = eager_bf16(device, run_dir.parent / "eager_bf16")
-    compiled, _ = one_step(device, run_dir, "train.precision=bf16", "train.compile=on")
-    difference = relative_difference(compiled, eager)
-    return Check("compiled step", difference, BF16_STEP_BOUND, "bf16, vs eager bf16")
+    losses, _ = one_step(device, run_dir, "train.precision=bf16", *overrides)
+    return Check(name, relative_difference(losses, eager), BF16_STEP_BOUND, detail)
+
+
+def compiled_step(device: str, run_dir: Path) -> Check:
+    return against_eager_bf16(
+        "compiled step", "bf16, vs eager bf16", device, run_dir, "train.compile=on"
+    )
 
 
 def one_pass_step(device: str, run_dir: Path) -> Check:
-    """Same seed, so stochastic depth drops the same samples in both paths."""
-    per_crop = eager_bf16(device, run_dir.parent / "eager_bf16")
-    one_pass, _ = one_step(
+    return against_eager_bf16(
+        "one-pass step",
+        "compiled bf16, vs eager per-crop",
         device,
         run_dir,
-        "train.precision=bf16",
         "train.compile=on",
         "model.multi_crop_attention=one_pass",
     )
-    difference = relative_difference(one_pass, per_crop)
-    return Check("one-pass step", difference, BF16_STEP_BOUND, "compiled bf16, vs eager per-crop")
 
 
 def one_pass_xformers_step(device: str, run_dir: Path) -> Check:
-    per_crop = eager_bf16(device, run_dir.parent / "eager_bf16")
-    one_pass, _ = one_step(
+    return against_eager_bf16(
+        "one-pass xformers",
+        "xformers BlockDiagonalMask, bf16, vs eager per-crop SDPA",
         device,
         run_dir,
-        "train.precision=bf16",
         "train.compile=off",
         "model.multi_crop_attention=one_pass",
         "model.attn_backend=xformers",
     )
-    difference = relative_difference(one_pass, per_crop)
-    detail = "xformers BlockDiagonalMask, bf16, vs eager per-crop SDPA"
-    return Check("one-pass xformers", difference, BF16_STEP_BOUND, detail)
 
 
 def fsdp_step(device: str, run_dir: Path) -> Check:
