@@ -28,8 +28,14 @@ def read_losses(run_dir) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_resume_is_exact_and_the_export_is_the_students_ema(tmp_path, small_teacher):
-    options = [f"distill.teacher={small_teacher}", "train.checkpoint_every=3"]
+@pytest.mark.parametrize("source", ["run directory", "backbone file"])
+def test_resume_is_exact_and_the_export_is_the_students_ema(tmp_path, small_teacher, source):
+    """A backbone file's frozen heads are drawn anew at every start: a resume must draw
+    the same ones."""
+    teacher = (
+        small_teacher if source == "run directory" else RunDir(small_teacher).export(".safetensors")
+    )
+    options = [f"distill.teacher={teacher}", "train.checkpoint_every=3"]
     straight = train(tiny_config(tmp_path / "straight", *options, "train.max_iterations=6"))
     resumed = tmp_path / "resumed"
     train(tiny_config(resumed, *options, "train.max_iterations=3"))
