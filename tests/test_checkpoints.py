@@ -6,9 +6,16 @@ import pickle
 import pytest
 import torch
 from helpers import PAPER, randomize, tiny_vit
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from dinospec.config import ModelConfig
-from dinospec.models.checkpoints import CheckpointError, load_backbone, save_backbone
+from dinospec.models.checkpoints import (
+    CONFIG_METADATA_KEY,
+    CheckpointError,
+    load_backbone,
+    save_backbone,
+)
 
 
 @pytest.fixture
@@ -96,6 +103,29 @@ def test_config_that_disagrees_with_stored_config(tmp_path):
     )
     with pytest.raises(CheckpointError, match="num_heads: file 4 vs config 2"):
         load_backbone(path, other)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: {**c, "future_option": 1}, r"does not know: model\.future_option \(written"),
+        (
+            lambda c: {**c, "specialize": {**c["specialize"], "router": "x"}},
+            r"does not know: model\.specialize\.router",
+        ),
+        (lambda c: [c], r"is not a model config"),
+    ],
+)
+def test_a_stored_config_this_version_cannot_read_is_named(tmp_path, edit, message):
+    """A file from a newer dinospec (or a damaged one) names its file and field."""
+    path = tmp_path / "b.safetensors"
+    save_backbone(tiny_vit(), path)
+    tensors = load_file(path)
+    metadata = safe_open(str(path), framework="pt").metadata()
+    stored = json.loads(metadata[CONFIG_METADATA_KEY])
+    save_file(tensors, path, {**metadata, CONFIG_METADATA_KEY: json.dumps(edit(stored))})
+    with pytest.raises(CheckpointError, match=rf"{path}: metadata .*{message}"):
+        load_backbone(path)
 
 
 class _Payload:

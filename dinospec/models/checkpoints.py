@@ -17,7 +17,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -89,7 +89,7 @@ def read_weights(path: str | Path) -> Weights:
         tensors, metadata = _read_safetensors(path)
         stored = metadata.get(CONFIG_METADATA_KEY)
         if stored:
-            return _dinospec_weights(tensors, _config_from_json(stored), str(path))
+            return _dinospec_weights(tensors, _config_from_json(stored, path), str(path))
     else:
         tensors = _backbone_state_dict(_torch_load(path), path)
     return _converted(tensors, path)
@@ -117,10 +117,26 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
     return state_dict, metadata
 
 
-def _config_from_json(text: str) -> ModelConfig:
-    fields = json.loads(text)
-    fields["specialize"] = SpecializeConfig(**fields["specialize"])
-    return ModelConfig(**fields)
+def _config_from_json(text: str, path: Path) -> ModelConfig:
+    """The model config a dinospec file records. A field this version does not know (a
+    file from a newer dinospec) is named rather than dropped: the weights may need it."""
+    where = f"{path}: metadata {CONFIG_METADATA_KEY!r}"
+    try:
+        stored = json.loads(text)
+        specialize = stored["specialize"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{where} is not a model config ({err!r})") from err
+    for cls, given, prefix in (
+        (ModelConfig, stored, "model."),
+        (SpecializeConfig, specialize, "model.specialize."),
+    ):
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CheckpointError(
+                f"{where} has fields this dinospec does not know: "
+                f"{', '.join(prefix + key for key in unknown)} (written by a newer version?)"
+            )
+    return ModelConfig(**{**stored, "specialize": SpecializeConfig(**specialize)})
 
 
 def _dinospec_weights(tensors: StateDict, stored: ModelConfig, source: str) -> Weights:
