@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from vs_dinov2 import LiveTensorBytes, held_tensors
+from vs_dinov2_memory import LiveTensorBytes, held_tensors
 
 from dinospec.config import Config, load_config
 from dinospec.models import build_backbone

@@ -80,10 +80,6 @@ from vs_dinov2_checks import check_agreement
 from vs_dinov2_contenders import CONFIGURATIONS, CONTENDERS, Run
 from vs_dinov2_measure import CLOCKS, Row, measure_row, print_profile
 
-# dinov3_features.py imports the CPU memory count from here, where it used to live.
-from vs_dinov2_memory import LiveTensorBytes as LiveTensorBytes
-from vs_dinov2_memory import held_tensors as held_tensors
-
 
 def median_ratio(row: Row, ours: str, theirs: str) -> float:
     """The median of per-round ratios: a machine whose speed drifts between rounds moves
