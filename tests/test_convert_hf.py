@@ -21,7 +21,10 @@ from library_models import (
 from dinospec.models.checkpoints import CheckpointError, load_backbone, read_weights
 from dinospec.models.export_formats import export_backbone
 
-TOLERANCE = 1e-5  # measured on CPU: 0.0 for every output (see README)
+# Relative to each output's largest magnitude (a few float32 rounding steps). Measured on
+# CPU: 0.0 for every output, except the SwiGLU models since transformers 5.25 (separate
+# gate and up matmuls where dinospec runs one fused matmul): up to 1.6e-7.
+TOLERANCE = 1e-6
 
 
 @pytest.mark.parametrize("name", list(HF_MODELS))
