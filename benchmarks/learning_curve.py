@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--seg-iterations", type=int, default=1000)
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     args.out.mkdir(parents=True, exist_ok=True)
     progress_path = args.out / "curve.json"
     progress = load_progress(progress_path)

@@ -82,7 +82,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seg-iterations", type=int, default=1000)
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--out", type=Path, required=True)
-    return parser.parse_args()
+    return parser.parse_intermixed_args()
 
 
 def main() -> None:
