@@ -13,13 +13,13 @@ files.
 What a run can rely on: it resumes from the newest checkpoint that verifies; it never
 starts over silently when checkpoints exist but none verifies; an invalid checkpoint is
 moved aside (to `checkpoints/invalid/`) rather than kept in place of a valid one; a state
-holding non-finite values is never saved; a full disk is named as such.
+holding non-finite values is never saved; a full disk is named as such (the last two
+in dinospec.train.checkpoint_guards).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -36,10 +36,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
-from dinospec.distributed import host_group
 from dinospec.models.checkpoints import CheckpointError
 from dinospec.nested import flatten
 from dinospec.run.layout import CHECKPOINT_PREFIX
+from dinospec.train.checkpoint_guards import (
+    NonFiniteState,
+    NoSpaceLeft,
+    all_ranks,
+    ensure_space,
+    is_out_of_space,
+    nonfinite_entries,
+)
 from dinospec.train.checkpoint_reader import (
     CheckpointCorrupt,
     SafeFileSystemReader,
@@ -52,11 +59,6 @@ MARKER = "COMPLETE.json"
 TMP_PREFIX = f".tmp_{CHECKPOINT_PREFIX}"
 INVALID_DIR = "invalid"
 DIVERGED_DIR = "diverged"
-SPACE_MARGIN = 1.1
-"""A checkpoint takes its tensors' bytes plus DCP's metadata and alignment; 10% covers it."""
-
-_NO_SPACE_SYMPTOMS = ("No space left", "unexpected pos", "file write failed")
-"""How ENOSPC reaches us from torch's zip writer, which drops the errno."""
 
 
 class CheckpointMismatch(CheckpointError):
@@ -67,14 +69,6 @@ class NoValidCheckpoint(CheckpointError):
     """Checkpoints exist but none verifies; starting over would throw the run away."""
 
 
-class NonFiniteState(CheckpointError):
-    """The state to save holds NaN or inf: saving it would replace a good checkpoint."""
-
-
-class NoSpaceLeft(CheckpointError):
-    """The checkpoint does not fit on its file system."""
-
-
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -82,23 +76,6 @@ def _is_main() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _all_ranks(flag: bool) -> bool:
-    """Whether `flag` holds on every rank, so that all ranks take the same branch."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([float(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=host_group())
-    return bool(value.item())
-
-
-def _total(value: int) -> int:
-    if not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, group=host_group())
-    return int(tensor.item())
 
 
 def file_digest(path: Path) -> str:
@@ -118,56 +95,6 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def nonfinite_entries(state: dict[str, Any]) -> list[str]:
-    """Keys of floating tensors holding NaN or inf on this rank, with one device sync."""
-    floats = [
-        (key, _local(v))
-        for key, v in flatten(state)
-        if isinstance(v, torch.Tensor) and v.is_floating_point()
-    ]
-    if not floats:
-        return []
-    flags = torch.stack([torch.isfinite(t).all() for _, t in floats]).tolist()
-    return [key for (key, _), ok in zip(floats, flags, strict=True) if not ok]
-
-
-def state_bytes(state: dict[str, Any]) -> int:
-    """Bytes this rank's share of `state` occupies once written."""
-    return sum(
-        _local(v).numel() * v.element_size()
-        for _, v in flatten(state)
-        if isinstance(v, torch.Tensor)
-    )
-
-
-def _check_space(root: Path, needed: int) -> None:
-    free = shutil.disk_usage(root).free
-    if not _all_ranks(free >= needed):
-        raise NoSpaceLeft(
-            f"no space left on device for {root} (need ~{needed / 2**20:.1f} MB for the "
-            f"checkpoint, {free / 2**20:.1f} MB free); free some space and rerun: the run "
-            f"resumes from its newest checkpoint"
-        )
-
-
-def _is_out_of_space(err: BaseException | None) -> bool:
-    """Whether ENOSPC is behind `err`: DCP gathers each rank's exception into a
-    CheckpointException, and torch's zip writer reports it without its errno."""
-    if err is None:
-        return False
-    if isinstance(err, CheckpointException):
-        return any(_is_out_of_space(failure) for failure, _ in err.failures.values())
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    if any(symptom in str(err) for symptom in _NO_SPACE_SYMPTOMS):
-        return True
-    return _is_out_of_space(err.__cause__ or err.__context__)
-
-
 @contextlib.contextmanager
 def single_process_quiet() -> Iterator[None]:
     """DCP warns at every save and load of a process without a process group that it
@@ -185,7 +112,7 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last
     checking that it is finite and fits on disk; older ones are pruned only once the new
     one is verified."""
     bad = nonfinite_entries(state)
-    if not _all_ranks(not bad):
+    if not all_ranks(not bad):
         newest = list_checkpoints(root)
         raise NonFiniteState(
             f"refusing to save iteration {iteration}: non-finite values in "
@@ -197,8 +124,7 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last
     if _is_main():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    needed = _total(state_bytes(state))
-    _check_space(root, int(needed * SPACE_MARGIN))
+    needed = ensure_space(root, state)
     if _is_main():
         tmp.mkdir()
     _barrier()
@@ -212,7 +138,7 @@ def save_checkpoint(root: Path, iteration: int, state: dict[str, Any], keep_last
     except (Exception, CheckpointException) as err:
         if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-        if _is_out_of_space(err):
+        if is_out_of_space(err):
             raise NoSpaceLeft(
                 f"no space left on device while writing {final} "
                 f"(need ~{needed / 2**20:.1f} MB); the partial "

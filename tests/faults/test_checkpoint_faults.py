@@ -23,11 +23,10 @@ from dinospec.run.layout import RunDir
 from dinospec.train.checkpoint import (
     MARKER,
     CheckpointMismatch,
-    NonFiniteState,
-    NoSpaceLeft,
     NoValidCheckpoint,
     list_checkpoints,
 )
+from dinospec.train.checkpoint_guards import NonFiniteState, NoSpaceLeft
 from dinospec.train.loop import NonFiniteLossError, Trainer, train
 
 
@@ -197,7 +196,7 @@ def test_full_disk_during_a_write_removes_the_partial_checkpoint(small_disk, mon
     """When the estimate is wrong (another writer fills the disk), the write itself fails
     with torch's unhelpful message; it is named, and the partial directory removed so the
     rerun has the space back."""
-    monkeypatch.setattr("dinospec.train.checkpoint.SPACE_MARGIN", 0.0)
+    monkeypatch.setattr("dinospec.train.checkpoint_guards.SPACE_MARGIN", 0.0)
     trainer = Trainer(tiny_config(small_disk / "run", "train.max_iterations=2"))
     (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2**16))
     with pytest.raises(NoSpaceLeft, match="no space left on device while writing"):
