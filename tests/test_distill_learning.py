@@ -86,12 +86,10 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
     return ((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())).item()
 
 
-def supervised(
-    model: nn.Module, width: int, data: tuple[Tensor, Tensor], steps: int, batch: int
-) -> None:
+def supervised(model: nn.Module, data: tuple[Tensor, Tensor], steps: int, batch: int) -> None:
     """Train a backbone with a linear classifier on its [CLS] (AdamW, horizontal flips)."""
     torch.manual_seed(0)
-    head = nn.Linear(width, NUM_CLASSES)
+    head = nn.Linear(model.embed_dim, NUM_CLASSES)
     optimizer = torch.optim.AdamW(
         [*model.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.05
     )
@@ -113,7 +111,7 @@ def knowing_teacher(tmp_path_factory) -> Path:
     config = tiny_config(Path("unused"), "model.embed_dim=64", "model.depth=3").model
     torch.manual_seed(0)
     teacher = build_backbone(config)
-    supervised(teacher, 64, labelled_scenes(16384, seed=7), steps=2000, batch=64)
+    supervised(teacher, labelled_scenes(16384, seed=7), steps=2000, batch=64)
     path = tmp_path_factory.mktemp("knowing_teacher") / "teacher.safetensors"
     save_backbone(teacher, path)
     return path
